@@ -1,0 +1,84 @@
+"""Seeded, differentiable image augmentations: random resized crop, flip, jitter."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """A crop window in pixels of the source image."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def uniform(gen: torch.Generator, low: float, high: float) -> float:
+    return float(torch.empty(1).uniform_(low, high, generator=gen).item())
+
+
+def randint(gen: torch.Generator, low: int, high_inclusive: int) -> int:
+    return int(torch.randint(low, high_inclusive + 1, (1,), generator=gen).item())
+
+
+def sample_crop(
+    gen: torch.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> CropBox:
+    """RandomResizedCrop's parameter draw (torchvision's algorithm) from an explicit generator."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * uniform(gen, scale[0], scale[1])
+        aspect = math.exp(uniform(gen, *log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return CropBox(randint(gen, 0, height - h), randint(gen, 0, width - w), h, w)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return CropBox((height - h) // 2, (width - w) // 2, h, w)
+
+
+def resized_crop(x: torch.Tensor, box: CropBox, size: int) -> torch.Tensor:
+    """Crop ``box`` out of a [B,C,H,W] batch and resize it bilinearly to ``size`` x ``size``."""
+    patch = x[:, :, box.top : box.top + box.height, box.left : box.left + box.width]
+    return F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False)
+
+
+@dataclass(frozen=True)
+class SynthAug:
+    """One draw of the recover-time augmentation: crop, flip, then a roll by (dy, dx)."""
+
+    box: CropBox
+    flip: bool
+    dy: int
+    dx: int
+
+    @staticmethod
+    def sample(gen: torch.Generator, size: int, scale: tuple[float, float], flip: bool, jitter: int) -> "SynthAug":
+        box = sample_crop(gen, size, size, scale)
+        do_flip = flip and uniform(gen, 0.0, 1.0) < 0.5
+        return SynthAug(box, do_flip, randint(gen, 0, jitter), randint(gen, 0, jitter))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        out = resized_crop(x, self.box, x.shape[-1])
+        if self.flip:
+            out = out.flip(-1)
+        if self.dy or self.dx:
+            out = torch.roll(out, shifts=(self.dy, self.dx), dims=(2, 3))
+        return out

@@ -1,0 +1,331 @@
+"""Real datasets addressable by class: Fashion-MNIST idx files, sklearn digits, ImageFolder trees."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lpld_ray.config import DataConfig
+from lpld_ray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DATASET_NAMES = ("fashion_mnist", "digits", "image_folder")
+SPLITS = ("train", "test")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+DIGITS_TRAIN_FRACTION = 0.8
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Shape and normalisation constants of a dataset's images."""
+
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+FASHION_SPEC = ImageSpec(1, 28, (0.2860,), (0.3530,))
+DIGITS_SPEC = ImageSpec(1, 8, (0.3053,), (0.3760,))  # measured over all 1797 digits / 16
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ClassDataset(torch.utils.data.Dataset):
+    """Real images with integer labels, addressable by class."""
+
+    def __init__(self, spec: ImageSpec, targets: torch.Tensor, class_names: list[str]) -> None:
+        self.spec = spec
+        self.targets = targets.to(torch.int64)
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+
+    def __len__(self) -> int:
+        return int(self.targets.numel())
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.image(i), int(self.targets[i])
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image ``i`` as float32 [C,S,S] in [0,1], not normalised."""
+        raise NotImplementedError
+
+    def images(self, idx: torch.Tensor) -> torch.Tensor:
+        """Images at ``idx`` stacked to [len(idx),C,S,S]."""
+        if idx.numel() == 0:
+            return torch.empty(0, self.spec.channels, self.spec.size, self.spec.size)
+        return torch.stack([self.image(int(i)) for i in idx])
+
+    def indices_of_class(self, c: int) -> torch.Tensor:
+        return torch.nonzero(self.targets == c).flatten()
+
+    def class_images(self, c: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The first ``count`` images of class ``c``, or a random subset of them with ``generator``."""
+        if not 0 <= c < self.num_classes:
+            raise DataError(f"class {c} is out of range: the dataset has classes 0..{self.num_classes - 1}")
+        idx = self.indices_of_class(c)
+        if idx.numel() < count:
+            raise DataError(f"class {c} ('{self.class_names[c]}') has {idx.numel()} images but {count} were asked for")
+        if generator is not None:
+            idx = idx[torch.randperm(idx.numel(), generator=generator)[:count]]
+        return self.images(idx[:count])
+
+
+class TensorClassDataset(ClassDataset):
+    """Images held in memory as integer pixels [N,C,S,S], divided by ``scale`` on access."""
+
+    def __init__(self, pixels: torch.Tensor, targets: torch.Tensor, scale: float,
+                 spec: ImageSpec, class_names: list[str]) -> None:
+        super().__init__(spec, targets, class_names)
+        self.pixels = pixels
+        self.scale = scale
+
+    def image(self, i: int) -> torch.Tensor:
+        return self.pixels[i].to(torch.float32) / self.scale
+
+    def images(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.pixels[idx].to(torch.float32) / self.scale
+
+
+class FolderClassDataset(ClassDataset):
+    """Image files decoded lazily: RGB, shorter side resized to ``spec.size``, centre crop."""
+
+    def __init__(self, files: list[str], targets: torch.Tensor, spec: ImageSpec, class_names: list[str]) -> None:
+        super().__init__(spec, targets, class_names)
+        self.files = files
+
+    def image(self, i: int) -> torch.Tensor:
+        return decode_image(self.files[i], self.spec.size)
+
+
+def decode_image(path: str, size: int) -> torch.Tensor:
+    """Decode one file to float32 [3,size,size] in [0,1]: resize shorter side, centre crop."""
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot decode image '{path}': {err}") from err
+    w, h = rgb.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+        rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    rgb = rgb.crop((left, top, left + size, top + size))
+    arr = np.array(rgb, dtype=np.uint8)
+    return torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32) / 255.0
+
+
+def normalize(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+    """(x - mean) / std per channel, for [B,C,H,W] or [C,H,W]."""
+    mean, std = _channel_stats(x, spec)
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+    """Inverse of :func:`normalize`."""
+    mean, std = _channel_stats(x, spec)
+    return x * std + mean
+
+
+def _channel_stats(x: torch.Tensor, spec: ImageSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dim() < 3 or x.shape[-3] != spec.channels:
+        raise ValueError(f"expected images shaped [..., {spec.channels}, H, W], got {list(x.shape)}")
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return mean, std
+
+
+def load_dataset(cfg: DataConfig, split: str) -> ClassDataset:
+    """Load ``split`` ("train" or "test") of the dataset ``cfg`` names, with its class/count limits."""
+    if split not in SPLITS:
+        raise DataError(f"unknown dataset split '{split}': choose one of {', '.join(SPLITS)}")
+    if cfg.name == "fashion_mnist":
+        ds = _load_fashion(cfg, split)
+    elif cfg.name == "digits":
+        ds = _load_digits(cfg, split)
+    elif cfg.name == "image_folder":
+        ds = _load_folder(cfg, split)
+    else:
+        raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASET_NAMES)}")
+    log.info("loaded %s %s: %d images, %d classes", cfg.name, split, len(ds), ds.num_classes)
+    return ds
+
+
+def check_dataset(cfg: DataConfig) -> None:
+    """Cheap pre-flight: the files or folders exist and ``num_classes`` fits; raises DataError."""
+    if cfg.name == "fashion_mnist":
+        root = _local_root(cfg.root)
+        for split in SPLITS:
+            for name in FASHION_FILES[split]:
+                _require_fashion_file(root / name)
+        _class_count(cfg, len(FASHION_CLASSES))
+    elif cfg.name == "digits":
+        _import_load_digits()
+        _class_count(cfg, 10)
+    elif cfg.name == "image_folder":
+        root = _local_root(cfg.root)
+        _class_count(cfg, len(_folder_classes(root)))
+        if not (root / "val").is_dir():
+            raise DataError(f"image_folder root '{root}' has no val/ folder (expected root/val/<class>/*.png|jpg)")
+    else:
+        raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASET_NAMES)}")
+
+
+def _local_root(root: str) -> Path:
+    if root.startswith("file://"):
+        root = root[len("file://"):]
+    if "://" in root:
+        raise DataError(f"data.root '{root}' is not a local directory: real datasets are read from local paths")
+    return Path(root).expanduser()
+
+
+def _class_count(cfg: DataConfig, available: int) -> int:
+    """Number of classes to keep: cfg.num_classes, checked against what the dataset has."""
+    n = available if cfg.num_classes is None else cfg.num_classes
+    if not 1 <= n <= available:
+        raise DataError(f"data.num_classes is {n} but dataset '{cfg.name}' has {available} classes: "
+                        f"use 1..{available} or null")
+    return n
+
+
+def _class_rank(labels: torch.Tensor) -> torch.Tensor:
+    """For each sample, how many earlier samples (in order) share its label."""
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    first = torch.searchsorted(sorted_labels, sorted_labels)
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(labels.numel()) - first
+    return rank
+
+
+def _select(labels: torch.Tensor, cfg: DataConfig, split: str, available: int) -> torch.Tensor:
+    """Indices kept after the num_classes and (train only) train_per_class limits, in file order."""
+    keep = labels < _class_count(cfg, available)
+    if split == "train" and cfg.train_per_class is not None:
+        keep &= _class_rank(labels) < cfg.train_per_class
+    return torch.nonzero(keep).flatten()
+
+
+def _require_fashion_file(path: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"dataset files missing: '{path}' not found "
+                        "(set data.root to the folder holding the Fashion-MNIST idx files)")
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    """Parse one gzip'd idx file of unsigned bytes; DataError naming the file if malformed."""
+    _require_fashion_file(path)
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(f"malformed idx file '{path}': not a readable gzip file ({err})") from err
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"malformed idx file '{path}': {len(raw)} bytes, shorter than the {header}-byte header")
+    got = int.from_bytes(raw[:4], "big")
+    if got != magic:
+        raise DataError(f"malformed idx file '{path}': magic number {got}, expected {magic}")
+    dims = tuple(int.from_bytes(raw[4 + 4 * k:8 + 4 * k], "big") for k in range(ndim))
+    if len(raw) - header != math.prod(dims):
+        raise DataError(f"malformed idx file '{path}': {len(raw) - header} data bytes for shape {list(dims)}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def _load_fashion(cfg: DataConfig, split: str) -> ClassDataset:
+    root = _local_root(cfg.root)
+    image_file, label_file = (root / name for name in FASHION_FILES[split])
+    images = _read_idx(image_file, IDX_IMAGES_MAGIC, 3)
+    labels = _read_idx(label_file, IDX_LABELS_MAGIC, 1)
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"malformed idx file '{image_file}': images are {list(images.shape[1:])}, expected [28, 28]")
+    if len(labels) != len(images) or (len(labels) and labels.max() >= len(FASHION_CLASSES)):
+        raise DataError(f"malformed idx file '{label_file}': {len(labels)} labels (max {labels.max(initial=0)}) "
+                        f"for {len(images)} images, expected one label in 0..9 per image")
+    targets = torch.from_numpy(labels.astype(np.int64))
+    idx = _select(targets, cfg, split, len(FASHION_CLASSES))
+    pixels = torch.from_numpy(images).unsqueeze(1)[idx]
+    n = _class_count(cfg, len(FASHION_CLASSES))
+    return TensorClassDataset(pixels, targets[idx], 255.0, FASHION_SPEC, list(FASHION_CLASSES[:n]))
+
+
+def _import_load_digits():
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise DataError("dataset 'digits' needs scikit-learn, which is not installed: pip install scikit-learn") from err
+    return load_digits
+
+
+def _load_digits(cfg: DataConfig, split: str) -> ClassDataset:
+    bunch = _import_load_digits()()
+    pixels = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    train_count = (torch.bincount(labels, minlength=10).double() * DIGITS_TRAIN_FRACTION).floor().long()
+    in_train = _class_rank(labels) < train_count[labels]
+    part = torch.nonzero(in_train if split == "train" else ~in_train).flatten()
+    pixels, labels = pixels[part], labels[part]
+    idx = _select(labels, cfg, split, 10)
+    n = _class_count(cfg, 10)
+    return TensorClassDataset(pixels[idx], labels[idx], 16.0, DIGITS_SPEC, [str(d) for d in range(n)])
+
+
+def _folder_classes(root: Path) -> list[str]:
+    """Class names: the sorted sub-folder names of ``root/train``."""
+    train = root / "train"
+    if not train.is_dir():
+        raise DataError(f"image_folder root '{root}' has no train/ folder "
+                        "(expected root/train/<class>/*.png|jpg and root/val/<class>/...)")
+    names = sorted(p.name for p in train.iterdir() if p.is_dir())
+    if not names:
+        raise DataError(f"image_folder '{train}' has no class sub-folders")
+    return names
+
+
+def _folder_files(split_dir: Path, classes: list[str], all_classes: list[str]) -> tuple[list[str], list[int]]:
+    """Image files of ``classes`` under ``split_dir`` in (class, file name) order, with their labels."""
+    if not split_dir.is_dir():
+        raise DataError(f"image_folder split folder '{split_dir}' not found")
+    extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in all_classes)
+    if extra:
+        raise DataError(f"class folder '{split_dir / extra[0]}' has no counterpart in train/: "
+                        "both splits must use the same class folders")
+    files: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        folder = split_dir / name
+        found = sorted(str(p) for p in folder.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+        if not found and split_dir.name == "train":
+            raise DataError(f"class folder '{folder}' holds no {'/'.join(IMAGE_EXTS)} images")
+        files += found
+        labels += [label] * len(found)
+    return files, labels
+
+
+def _load_folder(cfg: DataConfig, split: str) -> ClassDataset:
+    root = _local_root(cfg.root)
+    all_classes = _folder_classes(root)
+    classes = all_classes[:_class_count(cfg, len(all_classes))]
+    files, labels = _folder_files(root / ("train" if split == "train" else "val"), classes, all_classes)
+    targets = torch.tensor(labels, dtype=torch.int64)
+    idx = _select(targets, cfg, split, len(all_classes))
+    spec = ImageSpec(3, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
+    return FolderClassDataset([files[i] for i in idx.tolist()], targets[idx], spec, classes)

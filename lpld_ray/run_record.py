@@ -1,0 +1,64 @@
+"""The run's ``run.yaml``: resolved config and versions, written first; a later run must match it to resume."""
+
+from __future__ import annotations
+
+import logging
+import platform
+
+import yaml
+
+from lpld_ray import __version__
+from lpld_ray.config import Config, config_to_dict, result_key_diff
+from lpld_ray.errors import LpldError
+from lpld_ray.storage import Store
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD = "run.yaml"
+RUN_SCHEMA_VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    import pyarrow
+    import ray
+    import torch
+    import torchvision
+
+    return {
+        "lpld_ray": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+
+
+def write_or_check_run_record(store: Store, cfg: Config) -> bool:
+    """Write run.yaml for a new run; for an existing one refuse if a result-changing key differs.
+
+    Returns True when an existing run is being resumed.
+    """
+    new = config_to_dict(cfg)
+    if not store.exists(RUN_RECORD):
+        record = {"schema_version": RUN_SCHEMA_VERSION, "config": new, "versions": library_versions()}
+        store.write_text(RUN_RECORD, yaml.safe_dump(record, sort_keys=False))
+        log.info("new run at %s", store.root)
+        return False
+    try:
+        old = yaml.safe_load(store.read_text(RUN_RECORD))
+        version, old_config = old["schema_version"], old["config"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        raise LpldError(f"'{store.uri(RUN_RECORD)}' is not a valid run record: use a new --run-dir") from None
+    if not isinstance(version, int) or version > RUN_SCHEMA_VERSION:
+        raise LpldError(
+            f"'{store.uri(RUN_RECORD)}' has schema_version {version!r}; this lpld_ray reads up to {RUN_SCHEMA_VERSION}: upgrade lpld_ray or use a new --run-dir"
+        )
+    diff = result_key_diff(old_config, new)
+    if diff:
+        raise LpldError(
+            f"run directory '{store.root}' holds a run with a different config in {', '.join(diff)}: "
+            "use the same config to resume, or a new --run-dir"
+        )
+    log.info("resuming the run at %s", store.root)
+    return True

@@ -1,0 +1,257 @@
+"""Stage planning, the class-shard queue over Ray actors, Ray Train runs, and progress: all of Ray is here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from typing import Any, Callable
+
+import ray
+import torch
+
+from lpld_ray.config import Config, DataConfig, RecoverConfig, RunnerConfig
+from lpld_ray.errors import LpldError
+from lpld_ray.models import build_model, load_weights_bytes
+from lpld_ray.stages import (
+    GLOBAL_SHARD,
+    IMAGES_STAGE,
+    STATS_STAGE,
+    ClassShard,
+    contact_sheet,
+    load_shard_images,
+    plan_class_shards,
+    recover_shard,
+    squeeze_partition,
+    write_stats,
+)
+from lpld_ray.storage import Store, read_manifest, verify_shard
+from lpld_ray.teacher import TEACHER_SHARD, TEACHER_STAGE, TeacherJob, teacher_state_bytes, teacher_train_loop
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """Logs shards done/total, rate and ETA for one stage, at most every ``every_s`` seconds."""
+
+    def __init__(self, stage: str, total: int, every_s: float) -> None:
+        self.stage, self.total, self.every_s = stage, total, every_s
+        self.done, self.started, self.last = 0, time.time(), 0.0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.time()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            elapsed = now - self.started
+            rate = self.done / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info("%s: %d/%d shards, %.2f shards/min, elapsed %.0fs, ETA %.0fs",
+                     self.stage, self.done, self.total, rate * 60, elapsed, eta)
+
+
+def init_ray() -> None:
+    """Join the cluster of ``ray job submit`` (RAY_ADDRESS) or start a local Ray on this machine."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=True)
+    log.info("ray cluster resources: %s", {k: v for k, v in ray.cluster_resources().items() if "node" not in k})
+
+
+def cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def actor_options(runner: RunnerConfig) -> dict[str, Any]:
+    if cluster_has_gpus():
+        return {"num_gpus": 1, "num_cpus": 1}
+    return {"num_cpus": runner.cpus_per_worker}
+
+
+def actor_count(runner: RunnerConfig, pending: int) -> int:
+    """As many as asked, or as the cluster's GPUs (else CPUs / cpus_per_worker) allow, never more than the work."""
+    if runner.num_workers:
+        wanted = runner.num_workers
+    elif cluster_has_gpus():
+        wanted = int(ray.cluster_resources()["GPU"])
+    else:
+        wanted = max(1, int(ray.cluster_resources().get("CPU", 1)) // runner.cpus_per_worker)
+    return max(1, min(wanted, pending))
+
+
+def build_teacher(arch: str, state: bytes, num_classes: int, channels: int, size: int) -> torch.nn.Module:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(arch, num_classes, channels, size)
+    load_weights_bytes(model, state, source="teacher")
+    return model.to(device).eval()
+
+
+@ray.remote
+class ShardWorker:
+    """Loads the teacher once, then does the class shards the driver hands it."""
+
+    def __init__(self, store_root: str, storage_options: dict | None, data: DataConfig, arch: str, state: bytes, threads: int) -> None:
+        from lpld_ray.data import load_dataset
+
+        torch.set_num_threads(threads)
+        probe = load_dataset(data, "test")
+        self.spec = probe.spec
+        self.store = Store(store_root, storage_options)
+        self.teacher = build_teacher(arch, state, probe.num_classes, self.spec.channels, self.spec.size)
+        self.device = next(self.teacher.parameters()).device
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def recover(self, shard: ClassShard, cfg: RecoverConfig, seed: int) -> dict:
+        return recover_shard(self.store, self.teacher, self.spec, cfg, shard, seed, self.device)
+
+
+@ray.remote
+def squeeze_task(data: DataConfig, arch: str, state: bytes, batch_size: int, partition: int, partitions: int, threads: int):
+    from lpld_ray.data import load_dataset
+
+    torch.set_num_threads(threads)
+    probe = load_dataset(data, "test")
+    teacher = build_teacher(arch, state, probe.num_classes, probe.spec.channels, probe.spec.size)
+    return squeeze_partition(teacher, data, batch_size, partition, partitions)
+
+
+def run_shard_queue(
+    stage: str,
+    pending: list[ClassShard],
+    make_actor: Callable[[], Any],
+    submit: Callable[[Any, ClassShard], ray.ObjectRef],
+    runner: RunnerConfig,
+) -> list[dict]:
+    """Hand shards to actors as they free up; a dead actor's shard goes back on the queue (bounded retries)."""
+    queue, results, attempts = deque(pending), [], {s.index: 0 for s in pending}
+    progress = Progress(stage, len(pending), runner.progress_every_s)
+    actors = [make_actor() for _ in range(actor_count(runner, len(pending)))]
+    idle, in_flight = list(range(len(actors))), {}
+    while queue or in_flight:
+        while queue and idle:
+            slot, shard = idle.pop(), queue.popleft()
+            in_flight[submit(actors[slot], shard)] = (slot, shard)
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        slot, shard = in_flight.pop(ready[0])
+        try:
+            results.append(ray.get(ready[0]))
+            progress.advance()
+        except ray.exceptions.RayActorError as err:
+            attempts[shard.index] += 1
+            if attempts[shard.index] > runner.max_shard_retries:
+                raise RuntimeError(f"{stage} shard {shard.name} lost its worker {attempts[shard.index]} times") from err
+            log.warning("%s: worker for %s died (%s); shard goes back on the queue", stage, shard.name, type(err).__name__)
+            queue.appendleft(shard)
+            actors[slot] = make_actor()
+        idle.append(slot)
+    return results
+
+
+def run_teacher(cfg: Config, store: Store) -> dict:
+    """Train the teacher with Ray Train unless weights are given or a verified teacher exists."""
+    if cfg.teacher.weights:
+        log.info("teacher: using given weights %s", cfg.teacher.weights)
+        return {"skipped": True}
+    manifest = verify_shard(store, TEACHER_STAGE, TEACHER_SHARD)
+    if manifest is None:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        filesystem, path = store.pyarrow_fs()
+        job = TeacherJob(cfg.data, cfg.teacher, store.root, store.storage_options, cfg.seed)
+        trainer = TorchTrainer(
+            lambda config: teacher_train_loop(config["job"]),
+            train_loop_config={"job": job},
+            scaling_config=ScalingConfig(
+                num_workers=cfg.teacher.num_workers,
+                use_gpu=cluster_has_gpus(),
+                resources_per_worker={"CPU": cfg.teacher.cpus_per_worker},
+            ),
+            run_config=RunConfig(name="ray_train", storage_path=f"{path}/{TEACHER_STAGE}", storage_filesystem=filesystem),
+        )
+        trainer.fit()
+        manifest = verify_shard(store, TEACHER_STAGE, TEACHER_SHARD)
+        if manifest is None:
+            raise RuntimeError("teacher training finished but committed no verified weights")
+    else:
+        log.info("teacher: verified weights already in the run; skipping")
+    log.info("teacher: test top-1 %.4f", manifest.meta["test_top1"])
+    return {"test_top1": manifest.meta["test_top1"]}
+
+
+def run_squeeze(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef) -> dict:
+    """Per-class BN sums over data partitions (Ray tasks), reduced and committed per class shard."""
+    names = [s.name for s in shards] + [GLOBAL_SHARD]
+    missing = [n for n in names if verify_shard(store, STATS_STAGE, n) is None]
+    if not missing:
+        log.info("squeeze: all %d stats shards verified; skipping", len(names))
+        return {"shards_written": 0}
+    parts = cfg.squeeze.partitions
+    refs = [
+        squeeze_task.options(num_cpus=cfg.runner.cpus_per_worker).remote(
+            cfg.data, cfg.teacher.arch, state_ref, cfg.squeeze.batch_size, p, parts, cfg.runner.cpus_per_worker
+        )
+        for p in range(parts)
+    ]
+    progress = Progress("squeeze", parts, cfg.runner.progress_every_s)
+    total = None
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        part = ray.get(ready[0])
+        total = part if total is None else total + part
+        progress.advance()
+    written = write_stats(store, total, shards, cfg.seed)
+    log.info("squeeze: committed %d stats shards (%d were missing)", written, len(missing))
+    return {"shards_written": written}
+
+
+def run_recover(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef) -> dict:
+    """Recover every class shard without a verified manifest on a pool of actors; then the contact sheet."""
+    pending = [s for s in shards if verify_shard(store, IMAGES_STAGE, s.name) is None]
+    log.info("recover: %d of %d class shards to do", len(pending), len(shards))
+    if pending:
+        missing_stats = [s.name for s in pending if read_manifest(store, STATS_STAGE, s.name) is None]
+        if missing_stats and cfg.recover.batching == "class_wise":
+            raise LpldError(f"recover needs the squeeze stage's stats for {missing_stats[0]}: run with --stages squeeze,recover")
+        threads = cfg.runner.cpus_per_worker
+        run_shard_queue(
+            "recover",
+            pending,
+            lambda: ShardWorker.options(**actor_options(cfg.runner)).remote(
+                store.root, store.storage_options, cfg.data, cfg.teacher.arch, state_ref, threads
+            ),
+            lambda actor, shard: actor.recover.remote(shard, cfg.recover, cfg.seed),
+            cfg.runner,
+        )
+    images, labels = zip(*(load_shard_images(store, s.name) for s in shards))
+    store.write_bytes("report/contact_sheet.png", contact_sheet(torch.cat(images), torch.cat(labels)))
+    log.info("recover: contact sheet at %s", store.uri("report/contact_sheet.png"))
+    return {"shards_done": len(pending), "contact_sheet": store.uri("report/contact_sheet.png")}
+
+
+STAGE_ORDER = ("teacher", "squeeze", "recover")
+
+
+def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int) -> dict[str, dict]:
+    """Run the asked stages in order; each does only the work whose shards do not verify."""
+    init_ray()
+    shards = plan_class_shards(num_classes, cfg.runner.class_shard_size)
+    summary: dict[str, dict] = {}
+    state_ref = None
+    for stage in STAGE_ORDER:
+        if stage not in stages:
+            continue
+        started = time.time()
+        if stage == "teacher":
+            summary[stage] = run_teacher(cfg, store)
+        else:
+            if state_ref is None:
+                state_ref = ray.put(teacher_state_bytes(store, cfg.teacher))
+            runner = run_squeeze if stage == "squeeze" else run_recover
+            summary[stage] = runner(cfg, store, shards, state_ref)
+        summary[stage]["wall_seconds"] = round(time.time() - started, 2)
+        log.info("%s: done in %.1fs", stage, summary[stage]["wall_seconds"])
+    return summary

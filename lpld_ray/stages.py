@@ -1,0 +1,168 @@
+"""The work of one unit of each stage (squeeze partition, recover class shard) over the run's store; no Ray."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from lpld_ray.config import DataConfig, RecoverConfig
+from lpld_ray.data import ImageSpec, load_dataset, normalize
+from lpld_ray.recover import BNTarget, ImageBounds, across_class_groups, class_wise_groups, recover_groups
+from lpld_ray.squeeze import BNSums, accumulate_bn_sums
+from lpld_ray.storage import ShardWriter, Store, read_object, shard_name, verify_shard
+
+log = logging.getLogger(__name__)
+
+STATS_STAGE, IMAGES_STAGE = "stats", "images"
+GLOBAL_SHARD = "global"
+STATS_OBJECT = "bn_sums.npz"
+
+
+@dataclass(frozen=True)
+class ClassShard:
+    """A fixed, contiguous range of class ids: the unit of parallelism, retry and resume."""
+
+    index: int
+    class_ids: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index)
+
+
+def plan_class_shards(num_classes: int, shard_size: int) -> list[ClassShard]:
+    return [
+        ClassShard(i, tuple(range(start, min(start + shard_size, num_classes))))
+        for i, start in enumerate(range(0, num_classes, shard_size))
+    ]
+
+
+def bounds_of(spec: ImageSpec) -> ImageBounds:
+    return ImageBounds(spec.channels, spec.size, tuple(spec.mean), tuple(spec.std))
+
+
+# ----------------------------------------------------------------------------- squeeze
+
+
+def squeeze_partition(
+    teacher: nn.Module, data_cfg: DataConfig, batch_size: int, partition: int, partitions: int
+) -> BNSums:
+    """Per-class BN sums over one contiguous partition of the real training set."""
+    train_set = load_dataset(data_cfg, "train")
+    bounds = np.linspace(0, len(train_set), partitions + 1).astype(int)
+    part = Subset(train_set, range(bounds[partition], bounds[partition + 1]))
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False)
+    device = next(teacher.parameters()).device
+    batches = ((normalize(x.to(device), train_set.spec), y) for x, y in loader)
+    return accumulate_bn_sums(teacher, batches, train_set.num_classes)
+
+
+def write_stats(store: Store, sums: BNSums, shards: list[ClassShard], seed: int) -> int:
+    """Commit the stats of every class shard (and the global row) whose manifest does not verify."""
+    written = 0
+    units = [(s.name, sums.select(list(s.class_ids)), list(s.class_ids)) for s in shards]
+    units.append((GLOBAL_SHARD, sums.total(), []))
+    for name, part, classes in units:
+        if verify_shard(store, STATS_STAGE, name) is not None:
+            continue
+        writer = ShardWriter(store, STATS_STAGE, name)
+        writer.put(STATS_OBJECT, part.to_bytes())
+        writer.commit(seed, {"classes": classes})
+        written += 1
+    return written
+
+
+def load_stats(store: Store, name: str) -> BNSums:
+    manifest = verify_shard(store, STATS_STAGE, name)
+    if manifest is None:
+        raise FileNotFoundError(f"stats shard '{name}' is missing or does not verify: run the squeeze stage")
+    return BNSums.from_bytes(read_object(store, STATS_STAGE, name, STATS_OBJECT, manifest))
+
+
+# ----------------------------------------------------------------------------- recover
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """A [C,H,W] float image in [0,1] as lossless 8-bit PNG."""
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    mode = "L" if array.shape[2] == 1 else "RGB"
+    buf = io.BytesIO()
+    Image.fromarray(array[:, :, 0] if mode == "L" else array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    """PNG bytes back to a [C,H,W] float image in [0,1]."""
+    array = np.asarray(Image.open(io.BytesIO(data)))
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
+
+
+def image_object_name(class_id: int, index: int) -> str:
+    return f"{class_id:05d}_{index:04d}.png"
+
+
+def recover_shard(
+    store: Store,
+    teacher: nn.Module,
+    spec: ImageSpec,
+    cfg: RecoverConfig,
+    shard: ClassShard,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Synthesize IPC images for every class of the shard and commit them as PNGs with a manifest."""
+    started = time.time()
+    classes = list(shard.class_ids)
+    if cfg.batching == "class_wise":
+        targets = BNTarget.rows_of(load_stats(store, shard.name))
+        groups = class_wise_groups(classes, cfg.ipc, targets, seed)
+    else:
+        global_target = BNTarget.rows_of(load_stats(store, GLOBAL_SHARD))[0]
+        groups = across_class_groups(classes, cfg.ipc, global_target, seed)
+    per_class: dict[int, list[torch.Tensor]] = {c: [] for c in classes}
+    for start in range(0, len(groups), cfg.classes_per_pass):
+        chunk = groups[start : start + cfg.classes_per_pass]
+        for group, images in zip(chunk, recover_groups(teacher, chunk, cfg, bounds_of(spec), device)):
+            for label, image in zip(group.labels, images):
+                per_class[label].append(image)
+    writer = ShardWriter(store, IMAGES_STAGE, shard.name)
+    for c in classes:
+        for i, image in enumerate(per_class[c]):
+            writer.put(image_object_name(c, i), encode_png(image))
+    seconds = time.time() - started
+    writer.commit(seed, {"classes": classes, "ipc": cfg.ipc, "batching": cfg.batching, "seconds": seconds})
+    return {"shard": shard.name, "seconds": seconds, "images": len(classes) * cfg.ipc}
+
+
+def load_shard_images(store: Store, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of one committed images shard (verified), as ([N,C,H,W] in [0,1], labels [N])."""
+    manifest = verify_shard(store, IMAGES_STAGE, name)
+    if manifest is None:
+        raise FileNotFoundError(f"images shard '{name}' is missing or does not verify: run the recover stage")
+    names = sorted(e.name for e in manifest.objects)
+    images = [decode_png(read_object(store, IMAGES_STAGE, name, n, manifest)) for n in names]
+    labels = [int(n.split("_")[0]) for n in names]
+    return torch.stack(images), torch.tensor(labels)
+
+
+def contact_sheet(images: torch.Tensor, labels: torch.Tensor, max_classes: int = 100, max_per_class: int = 10) -> bytes:
+    """A PNG grid: one row per class (up to ``max_classes``), up to ``max_per_class`` images each."""
+    from torchvision.utils import make_grid
+
+    rows = []
+    for c in sorted(set(labels.tolist()))[:max_classes]:
+        row = images[labels == c][:max_per_class]
+        pad = max_per_class - row.shape[0]
+        rows.append(torch.cat([row, torch.ones(pad, *row.shape[1:])]) if pad else row)
+    grid = make_grid(torch.cat(rows), nrow=max_per_class, padding=2, pad_value=1.0)
+    return encode_png(grid)

@@ -1,0 +1,135 @@
+"""Teacher training on the real data: plain torch epochs, and the loop each Ray Train worker runs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lpld_ray.config import DataConfig, TeacherConfig
+from lpld_ray.data import ImageSpec, load_dataset, normalize
+from lpld_ray.errors import LpldError
+
+if TYPE_CHECKING:
+    from lpld_ray.storage import Store
+
+log = logging.getLogger(__name__)
+
+TEACHER_STAGE = "teacher"
+TEACHER_SHARD = "model"
+TEACHER_OBJECT = "teacher.pt"
+
+
+def random_flip(x: torch.Tensor) -> torch.Tensor:
+    """Flip each image of a [B,C,H,W] batch horizontally with probability 1/2."""
+    mask = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    spec: ImageSpec,
+    device: torch.device,
+) -> tuple[float, float]:
+    """One epoch of cross-entropy training with random flips; returns (mean loss, train top-1)."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        logits = model(normalize(random_flip(images), spec))
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * labels.numel()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += labels.numel()
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, spec: ImageSpec, device: torch.device) -> float:
+    """Top-1 accuracy on a loader of (unnormalized images, labels)."""
+    model.eval()
+    correct, seen = 0, 0
+    for images, labels in loader:
+        logits = model(normalize(images.to(device), spec))
+        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        seen += labels.numel()
+    return correct / max(seen, 1)
+
+
+@dataclass(frozen=True)
+class TeacherJob:
+    """What one Ray Train run of the teacher needs: its sections, the run root and the seed."""
+
+    data: DataConfig
+    teacher: TeacherConfig
+    store_root: str
+    storage_options: dict | None
+    seed: int
+
+
+def teacher_train_loop(job: TeacherJob) -> None:
+    """Per-worker loop under Ray Train: SGD one-cycle; rank 0 commits the weights with a manifest."""
+    import ray.train
+    import ray.train.torch
+
+    from lpld_ray.models import build_model, save_weights_bytes
+    from lpld_ray.storage import ShardWriter, Store
+
+    torch.manual_seed(job.seed)
+    cfg = job.teacher
+    train_set, test_set = load_dataset(job.data, "train"), load_dataset(job.data, "test")
+    spec = train_set.spec
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cpus_per_worker)
+    train_loader = ray.train.torch.prepare_data_loader(
+        DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=0)
+    )
+    test_loader = DataLoader(test_set, batch_size=1000)
+    model = build_model(cfg.arch, train_set.num_classes, spec.channels, spec.size)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_loader))
+    rank = ray.train.get_context().get_world_rank()
+    started = time.time()
+    for epoch in range(cfg.epochs):
+        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        loss, train_top1 = train_epoch(model, train_loader, optimizer, scheduler, spec, device)
+        metrics = {"epoch": epoch + 1, "loss": loss, "train_top1": train_top1}
+        if epoch + 1 == cfg.epochs:
+            metrics["test_top1"] = evaluate(model, test_loader, spec, device)
+        log.info("teacher epoch %d/%d loss %.4f train top-1 %.4f %s", epoch + 1, cfg.epochs, loss, train_top1,
+                 f"test top-1 {metrics['test_top1']:.4f}" if "test_top1" in metrics else "")
+        if rank == 0 and epoch + 1 == cfg.epochs:
+            bare = model.module if hasattr(model, "module") else model
+            writer = ShardWriter(Store(job.store_root, job.storage_options), TEACHER_STAGE, TEACHER_SHARD)
+            writer.put(TEACHER_OBJECT, save_weights_bytes(bare))
+            writer.commit(job.seed, {"arch": cfg.arch, "test_top1": metrics["test_top1"],
+                                     "epochs": cfg.epochs, "seconds": time.time() - started})
+        ray.train.report(metrics)
+
+
+def teacher_state_bytes(store: "Store", cfg: TeacherConfig) -> bytes:
+    """The teacher's state dict bytes: the user's weights if given, else the run's verified teacher shard."""
+    from lpld_ray.storage import read_object, read_uri_bytes, verify_shard
+
+    if cfg.weights:
+        return read_uri_bytes(cfg.weights)
+    manifest = verify_shard(store, TEACHER_STAGE, TEACHER_SHARD)
+    if manifest is None:
+        raise LpldError("no teacher in the run and no teacher.weights given: run the teacher stage or set teacher.weights")
+    return read_object(store, TEACHER_STAGE, TEACHER_SHARD, TEACHER_OBJECT, manifest)
