@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -13,7 +14,7 @@ from lpld_ray.errors import LpldError
 
 log = logging.getLogger("lpld_ray")
 
-STAGES = ("teacher", "squeeze", "recover")
+STAGES = ("teacher", "squeeze", "recover", "relabel", "train", "report")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,7 +44,7 @@ def preflight(cfg: Config, run_dir: str) -> tuple["Store", int]:  # noqa: F821
     from lpld_ray.models import build_model, load_weights
     from lpld_ray.storage import Store
 
-    store = Store(run_dir)
+    store = Store(run_dir if "://" in run_dir else os.path.abspath(run_dir))
     check_dataset(cfg.data)
     probe = load_dataset(cfg.data, "test")
     if cfg.teacher.weights:

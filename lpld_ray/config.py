@@ -15,6 +15,10 @@ from lpld_ray.errors import ConfigError
 BATCHING_MODES = ("class_wise", "across_classes")
 DATASETS = ("fashion_mnist", "digits", "image_folder")
 ARCHS = ("convnet", "resnet18", "resnet18_small", "resnet50")
+MIX_MODES = ("none", "cutmix", "cutout")
+OPTIMIZERS = ("adamw", "sgd")
+VIEW_SAMPLING = ("cycle", "uniform")
+IMAGE_SOURCES = ("synthetic", "real")
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -100,8 +104,10 @@ class RecoverConfig:
     flip: bool = True
     batching: str = "class_wise"
     classes_per_pass: int = 1
+    source: str = "synthetic"
 
     def __post_init__(self) -> None:
+        require_choice("recover.source", self.source, IMAGE_SOURCES)
         require(self.ipc >= 1, "recover.ipc", self.ipc, "an integer >= 1")
         require(self.iterations >= 1, "recover.iterations", self.iterations, "an integer >= 1")
         require(self.lr > 0, "recover.lr", self.lr, "a number > 0")
@@ -112,6 +118,67 @@ class RecoverConfig:
         require_range("recover.crop_scale", self.crop_scale, 0.0, 1.0)
         require_choice("recover.batching", self.batching, BATCHING_MODES)
         require(self.classes_per_pass >= 1, "recover.classes_per_pass", self.classes_per_pass, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class RelabelConfig:
+    """The pruned label pool: E epochs of views, 1/k of them kept, teacher output stored as fp16."""
+
+    epochs: int = 300
+    compression: float = 1.0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
+    mix: str = "cutmix"
+    cutmix_beta: float = 1.0
+    cutout_fraction: float = 0.5
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, "relabel.epochs", self.epochs, "an integer >= 1")
+        require(self.compression >= 1, "relabel.compression", self.compression, "a number >= 1 (1 keeps every view, 40 keeps 1 in 40)")
+        require_range("relabel.crop_scale", self.crop_scale, 0.0, 1.0)
+        require_choice("relabel.mix", self.mix, MIX_MODES)
+        require(self.cutmix_beta > 0, "relabel.cutmix_beta", self.cutmix_beta, "a number > 0")
+        require(0 < self.cutout_fraction <= 1, "relabel.cutout_fraction", self.cutout_fraction, "a number in (0, 1]")
+        require(self.batch_size >= 1, "relabel.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The student: KD on the label pool with Ray Train."""
+
+    arch: str = "convnet"
+    epochs: int = 300
+    batch_size: int = 50
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    warmup_epochs: int = 0
+    temperature: float = 4.0
+    label_smoothing: float = 0.0
+    view_sampling: str = "cycle"
+    eval_every: int = 50
+    checkpoint_every: int = 25
+    num_workers: int = 1
+    cpus_per_worker: int = 2
+
+    def __post_init__(self) -> None:
+        require_choice("train.arch", self.arch, ARCHS)
+        require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        require_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        require(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        require(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
+        require(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", self.warmup_epochs, "an integer in [0, train.epochs)")
+        require(self.temperature > 0, "train.temperature", self.temperature, "a number > 0")
+        require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
+        require_choice("train.view_sampling", self.view_sampling, VIEW_SAMPLING)
+        require(self.eval_every >= 1, "train.eval_every", self.eval_every, "an integer >= 1")
+        require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        require(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")
+        require(self.cpus_per_worker >= 1, "train.cpus_per_worker", self.cpus_per_worker, "an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -141,6 +208,8 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
+    relabel: RelabelConfig = field(default_factory=RelabelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
 
     def __post_init__(self) -> None:
@@ -158,6 +227,10 @@ RESUME_NEUTRAL_KEYS = frozenset(
         "squeeze.batch_size",
         "squeeze.partitions",
         "recover.classes_per_pass",
+        "relabel.batch_size",
+        "train.eval_every",
+        "train.checkpoint_every",
+        "train.cpus_per_worker",
     }
 )
 
@@ -254,6 +327,11 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(tree).__name__}")
     for assignment in overrides:
         apply_override(tree, assignment)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """A validated Config from a nested dict (a parsed YAML file or a run record)."""
     return _build(Config, tree, "")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass
@@ -12,12 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lpld_ray.config import DataConfig
+from lpld_ray.config import DATASETS, DataConfig
 from lpld_ray.errors import DataError
 
 log = logging.getLogger(__name__)
 
-DATASET_NAMES = ("fashion_mnist", "digits", "image_folder")
 SPLITS = ("train", "test")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 FASHION_FILES = {
@@ -29,6 +29,7 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 DIGITS_TRAIN_FRACTION = 0.8
+DIGITS_NEEDS_SKLEARN = "dataset 'digits' needs scikit-learn, which is not installed: pip install scikit-learn"
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def load_dataset(cfg: DataConfig, split: str) -> ClassDataset:
     elif cfg.name == "image_folder":
         ds = _load_folder(cfg, split)
     else:
-        raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASET_NAMES)}")
+        raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASETS)}")
     log.info("loaded %s %s: %d images, %d classes", cfg.name, split, len(ds), ds.num_classes)
     return ds
 
@@ -177,7 +178,8 @@ def check_dataset(cfg: DataConfig) -> None:
                 _require_fashion_file(root / name)
         _class_count(cfg, len(FASHION_CLASSES))
     elif cfg.name == "digits":
-        _import_load_digits()
+        if importlib.util.find_spec("sklearn") is None:
+            raise DataError(DIGITS_NEEDS_SKLEARN)
         _class_count(cfg, 10)
     elif cfg.name == "image_folder":
         root = _local_root(cfg.root)
@@ -185,7 +187,7 @@ def check_dataset(cfg: DataConfig) -> None:
         if not (root / "val").is_dir():
             raise DataError(f"image_folder root '{root}' has no val/ folder (expected root/val/<class>/*.png|jpg)")
     else:
-        raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASET_NAMES)}")
+        raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASETS)}")
 
 
 def _local_root(root: str) -> Path:
@@ -201,7 +203,7 @@ def _class_count(cfg: DataConfig, available: int) -> int:
     n = available if cfg.num_classes is None else cfg.num_classes
     if not 1 <= n <= available:
         raise DataError(f"data.num_classes is {n} but dataset '{cfg.name}' has {available} classes: "
-                        f"use 1..{available} or null")
+                        f"use at most {available}, or null for all")
     return n
 
 
@@ -215,12 +217,13 @@ def _class_rank(labels: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def _select(labels: torch.Tensor, cfg: DataConfig, split: str, available: int) -> torch.Tensor:
-    """Indices kept after the num_classes and (train only) train_per_class limits, in file order."""
-    keep = labels < _class_count(cfg, available)
+def _select(labels: torch.Tensor, cfg: DataConfig, split: str, available: int) -> tuple[torch.Tensor, int]:
+    """Indices kept (in file order) after the num_classes and, for train, train_per_class limits; and N."""
+    n = _class_count(cfg, available)
+    keep = labels < n
     if split == "train" and cfg.train_per_class is not None:
         keep &= _class_rank(labels) < cfg.train_per_class
-    return torch.nonzero(keep).flatten()
+    return torch.nonzero(keep).flatten(), n
 
 
 def _require_fashion_file(path: Path) -> None:
@@ -260,30 +263,24 @@ def _load_fashion(cfg: DataConfig, split: str) -> ClassDataset:
         raise DataError(f"malformed idx file '{label_file}': {len(labels)} labels (max {labels.max(initial=0)}) "
                         f"for {len(images)} images, expected one label in 0..9 per image")
     targets = torch.from_numpy(labels.astype(np.int64))
-    idx = _select(targets, cfg, split, len(FASHION_CLASSES))
+    idx, n = _select(targets, cfg, split, len(FASHION_CLASSES))
     pixels = torch.from_numpy(images).unsqueeze(1)[idx]
-    n = _class_count(cfg, len(FASHION_CLASSES))
     return TensorClassDataset(pixels, targets[idx], 255.0, FASHION_SPEC, list(FASHION_CLASSES[:n]))
 
 
-def _import_load_digits():
+def _load_digits(cfg: DataConfig, split: str) -> ClassDataset:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
-        raise DataError("dataset 'digits' needs scikit-learn, which is not installed: pip install scikit-learn") from err
-    return load_digits
-
-
-def _load_digits(cfg: DataConfig, split: str) -> ClassDataset:
-    bunch = _import_load_digits()()
+        raise DataError(DIGITS_NEEDS_SKLEARN) from err
+    bunch = load_digits()
     pixels = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     train_count = (torch.bincount(labels, minlength=10).double() * DIGITS_TRAIN_FRACTION).floor().long()
     in_train = _class_rank(labels) < train_count[labels]
     part = torch.nonzero(in_train if split == "train" else ~in_train).flatten()
     pixels, labels = pixels[part], labels[part]
-    idx = _select(labels, cfg, split, 10)
-    n = _class_count(cfg, 10)
+    idx, n = _select(labels, cfg, split, 10)
     return TensorClassDataset(pixels[idx], labels[idx], 16.0, DIGITS_SPEC, [str(d) for d in range(n)])
 
 
@@ -326,6 +323,6 @@ def _load_folder(cfg: DataConfig, split: str) -> ClassDataset:
     classes = all_classes[:_class_count(cfg, len(all_classes))]
     files, labels = _folder_files(root / ("train" if split == "train" else "val"), classes, all_classes)
     targets = torch.tensor(labels, dtype=torch.int64)
-    idx = _select(targets, cfg, split, len(all_classes))
+    idx, _ = _select(targets, cfg, split, len(all_classes))
     spec = ImageSpec(3, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
     return FolderClassDataset([files[i] for i in idx.tolist()], targets[idx], spec, classes)

@@ -8,7 +8,7 @@ import platform
 import yaml
 
 from lpld_ray import __version__
-from lpld_ray.config import Config, config_to_dict, result_key_diff
+from lpld_ray.config import Config, config_from_dict, config_to_dict, result_key_diff
 from lpld_ray.errors import LpldError
 from lpld_ray.storage import Store
 
@@ -24,7 +24,7 @@ def library_versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    return {
+    versions = {
         "lpld_ray": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -32,6 +32,7 @@ def library_versions() -> dict[str, str]:
         "ray": ray.__version__,
         "pyarrow": pyarrow.__version__,
     }
+    return {name: str(version) for name, version in versions.items()}
 
 
 def write_or_check_run_record(store: Store, cfg: Config) -> bool:
@@ -62,3 +63,8 @@ def write_or_check_run_record(store: Store, cfg: Config) -> bool:
         )
     log.info("resuming the run at %s", store.root)
     return True
+
+
+def read_run_config(store: Store) -> Config:
+    """The config a run was made with, from its run.yaml."""
+    return config_from_dict(yaml.safe_load(store.read_text(RUN_RECORD))["config"])

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import ray
 import torch
 
-from lpld_ray.config import Config, DataConfig, RecoverConfig, RunnerConfig
+from lpld_ray.config import Config, DataConfig, RecoverConfig, RelabelConfig, RunnerConfig
 from lpld_ray.errors import LpldError
 from lpld_ray.models import build_model, load_weights_bytes
 from lpld_ray.stages import (
@@ -20,6 +20,7 @@ from lpld_ray.stages import (
     STATS_STAGE,
     ClassShard,
     contact_sheet,
+    load_all_images,
     load_shard_images,
     plan_class_shards,
     recover_shard,
@@ -95,16 +96,33 @@ class ShardWorker:
 
         torch.set_num_threads(threads)
         probe = load_dataset(data, "test")
-        self.spec = probe.spec
+        self.spec, self.data = probe.spec, data
         self.store = Store(store_root, storage_options)
         self.teacher = build_teacher(arch, state, probe.num_classes, self.spec.channels, self.spec.size)
         self.device = next(self.teacher.parameters()).device
+        self.images: dict[int, torch.Tensor] | None = None
 
     def pid(self) -> int:
         return os.getpid()
 
     def recover(self, shard: ClassShard, cfg: RecoverConfig, seed: int) -> dict:
-        return recover_shard(self.store, self.teacher, self.spec, cfg, shard, seed, self.device)
+        real = None
+        if cfg.source == "real":
+            from lpld_ray.data import load_dataset
+
+            real = load_dataset(self.data, "train")
+        return recover_shard(self.store, self.teacher, self.spec, cfg, shard, seed, self.device, real)
+
+    def relabel(self, shard: ClassShard, cfg: RelabelConfig, ipc: int, num_classes: int, seed: int) -> dict:
+        from lpld_ray.data import normalize
+        from lpld_ray.labels import relabel_shard, view_counts
+
+        if self.images is None:
+            self.images = load_all_images(self.store, ipc)
+        counts = view_counts(len(self.images), cfg.epochs, cfg.compression, seed)
+        ids = [c * ipc + i for c in shard.class_ids for i in range(ipc)]
+        return relabel_shard(self.store, self.teacher, lambda x: normalize(x, self.spec), self.images, ids, counts,
+                             num_classes, cfg, seed, self.device, shard.name)
 
 
 @ray.remote
@@ -149,6 +167,21 @@ def run_shard_queue(
     return results
 
 
+def fit_with_ray_train(store: Store, stage: str, loop: Callable[[Any], None], job: Any, num_workers: int, cpus: int) -> None:
+    """One TorchTrainer run whose checkpoints live under ``<run>/<stage>/ray_train`` (same name = resume)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    filesystem, path = store.pyarrow_fs()
+    trainer = TorchTrainer(
+        lambda config: loop(config["job"]),
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cluster_has_gpus(), resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name="ray_train", storage_path=f"{path}/{stage}", storage_filesystem=filesystem),
+    )
+    trainer.fit()
+
+
 def run_teacher(cfg: Config, store: Store) -> dict:
     """Train the teacher with Ray Train unless weights are given or a verified teacher exists."""
     if cfg.teacher.weights:
@@ -156,22 +189,8 @@ def run_teacher(cfg: Config, store: Store) -> dict:
         return {"skipped": True}
     manifest = verify_shard(store, TEACHER_STAGE, TEACHER_SHARD)
     if manifest is None:
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
-        filesystem, path = store.pyarrow_fs()
         job = TeacherJob(cfg.data, cfg.teacher, store.root, store.storage_options, cfg.seed)
-        trainer = TorchTrainer(
-            lambda config: teacher_train_loop(config["job"]),
-            train_loop_config={"job": job},
-            scaling_config=ScalingConfig(
-                num_workers=cfg.teacher.num_workers,
-                use_gpu=cluster_has_gpus(),
-                resources_per_worker={"CPU": cfg.teacher.cpus_per_worker},
-            ),
-            run_config=RunConfig(name="ray_train", storage_path=f"{path}/{TEACHER_STAGE}", storage_filesystem=filesystem),
-        )
-        trainer.fit()
+        fit_with_ray_train(store, TEACHER_STAGE, teacher_train_loop, job, cfg.teacher.num_workers, cfg.teacher.cpus_per_worker)
         manifest = verify_shard(store, TEACHER_STAGE, TEACHER_SHARD)
         if manifest is None:
             raise RuntimeError("teacher training finished but committed no verified weights")
@@ -232,7 +251,71 @@ def run_recover(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
     return {"shards_done": len(pending), "contact_sheet": store.uri("report/contact_sheet.png")}
 
 
-STAGE_ORDER = ("teacher", "squeeze", "recover")
+def require_stage(store: Store, stage: str, names: list[str], needed_by: str, producer: str) -> None:
+    """Fail with one line naming the missing stage when a later stage's inputs are absent."""
+    missing = [n for n in names if verify_shard(store, stage, n) is None]
+    if missing:
+        raise LpldError(f"{needed_by} needs the {producer} stage's output, but {stage}/{missing[0]} is missing "
+                        f"({len(missing)} of {len(names)} shards): run with --stages {producer},{needed_by}")
+
+
+def run_relabel(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef, num_classes: int) -> dict:
+    """One label shard per class shard; every images shard must exist (CutMix partners come from any class)."""
+    from lpld_ray.labels import LABELS_STAGE
+
+    require_stage(store, IMAGES_STAGE, [s.name for s in shards], "relabel", "recover")
+    pending = [s for s in shards if verify_shard(store, LABELS_STAGE, s.name) is None]
+    log.info("relabel: %d of %d class shards to do", len(pending), len(shards))
+    if pending:
+        run_shard_queue(
+            "relabel",
+            pending,
+            lambda: ShardWorker.options(**actor_options(cfg.runner)).remote(
+                store.root, store.storage_options, cfg.data, cfg.teacher.arch, state_ref, cfg.runner.cpus_per_worker
+            ),
+            lambda actor, shard: actor.relabel.remote(shard, cfg.relabel, cfg.recover.ipc, num_classes, cfg.seed),
+            cfg.runner,
+        )
+    return {"shards_done": len(pending)}
+
+
+def run_train(cfg: Config, store: Store, shards: list[ClassShard]) -> dict:
+    """Student training with Ray Train; re-running resumes from the last checkpoint under <run>/train/."""
+    from lpld_ray.labels import LABELS_STAGE
+    from lpld_ray.student import STUDENT_SHARD, STUDENT_STAGE, StudentJob, student_train_loop
+
+    require_stage(store, IMAGES_STAGE, [s.name for s in shards], "train", "recover")
+    require_stage(store, LABELS_STAGE, [s.name for s in shards], "train", "relabel")
+    manifest = verify_shard(store, STUDENT_STAGE, STUDENT_SHARD)
+    if manifest is None:
+        job = StudentJob(cfg.data, cfg.train, store.root, store.storage_options, cfg.seed, cfg.recover.ipc)
+        fit_with_ray_train(store, STUDENT_STAGE, student_train_loop, job, cfg.train.num_workers, cfg.train.cpus_per_worker)
+        manifest = verify_shard(store, STUDENT_STAGE, STUDENT_SHARD)
+        if manifest is None:
+            raise RuntimeError("student training finished but committed no verified weights")
+    else:
+        log.info("train: verified student already in the run; skipping")
+    log.info("train: student test top-1 %.4f (resumed from epoch %d)", manifest.meta["student_top1"], manifest.meta["resumed_from"])
+    return {"student_top1": manifest.meta["student_top1"], "resumed_from": manifest.meta["resumed_from"]}
+
+
+def run_report(cfg: Config, store: Store, summary: dict[str, dict]) -> dict:
+    """report/report.json from the committed shards, and the human summary line."""
+    from lpld_ray.report import build_report, human_summary, write_report
+    from lpld_ray.student import STUDENT_SHARD, STUDENT_STAGE
+
+    teacher = read_manifest(store, TEACHER_STAGE, TEACHER_SHARD)
+    student = read_manifest(store, STUDENT_STAGE, STUDENT_SHARD)
+    walls = {stage: part["wall_seconds"] for stage, part in summary.items()}
+    report = build_report(store, cfg, teacher.meta.get("test_top1") if teacher else None,
+                          student.meta.get("student_top1") if student else None, walls)
+    uri = write_report(store, report)
+    log.info("report: %s", uri)
+    log.info("summary: %s", human_summary(report))
+    return {"report": uri}
+
+
+STAGE_ORDER = ("teacher", "squeeze", "recover", "relabel", "train", "report")
 
 
 def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int) -> dict[str, dict]:
@@ -245,13 +328,20 @@ def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int)
         if stage not in stages:
             continue
         started = time.time()
+        if stage in ("squeeze", "recover", "relabel") and state_ref is None:
+            state_ref = ray.put(teacher_state_bytes(store, cfg.teacher))
         if stage == "teacher":
             summary[stage] = run_teacher(cfg, store)
+        elif stage == "squeeze":
+            summary[stage] = run_squeeze(cfg, store, shards, state_ref)
+        elif stage == "recover":
+            summary[stage] = run_recover(cfg, store, shards, state_ref)
+        elif stage == "relabel":
+            summary[stage] = run_relabel(cfg, store, shards, state_ref, num_classes)
+        elif stage == "train":
+            summary[stage] = run_train(cfg, store, shards)
         else:
-            if state_ref is None:
-                state_ref = ray.put(teacher_state_bytes(store, cfg.teacher))
-            runner = run_squeeze if stage == "squeeze" else run_recover
-            summary[stage] = runner(cfg, store, shards, state_ref)
+            summary[stage] = run_report(cfg, store, summary)
         summary[stage]["wall_seconds"] = round(time.time() - started, 2)
         log.info("%s: done in %.1fs", stage, summary[stage]["wall_seconds"])
     return summary

@@ -14,10 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from lpld_ray.config import DataConfig, RecoverConfig
-from lpld_ray.data import ImageSpec, load_dataset, normalize
+from lpld_ray.data import ClassDataset, ImageSpec, load_dataset, normalize
 from lpld_ray.recover import BNTarget, ImageBounds, across_class_groups, class_wise_groups, recover_groups
 from lpld_ray.squeeze import BNSums, accumulate_bn_sums
-from lpld_ray.storage import ShardWriter, Store, read_object, shard_name, verify_shard
+from lpld_ray.storage import ShardWriter, Store, list_shards, read_object, shard_name, verify_shard
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,35 @@ def recover_shard(
     shard: ClassShard,
     seed: int,
     device: torch.device | str = "cpu",
+    real_train: ClassDataset | None = None,
 ) -> dict:
-    """Synthesize IPC images for every class of the shard and commit them as PNGs with a manifest."""
+    """Synthesize (or, for the baseline, pick real) IPC images per class of the shard; commit them as PNGs."""
     started = time.time()
     classes = list(shard.class_ids)
+    if cfg.source == "real":
+        per_class = random_real_images(real_train, classes, cfg.ipc, seed)
+    else:
+        per_class = synthesize(store, teacher, spec, cfg, classes, shard, seed, device)
+    writer = ShardWriter(store, IMAGES_STAGE, shard.name)
+    for c in classes:
+        for i, image in enumerate(per_class[c]):
+            writer.put(image_object_name(c, i), encode_png(image))
+    seconds = time.time() - started
+    meta = {"classes": classes, "ipc": cfg.ipc, "batching": cfg.batching, "source": cfg.source, "seconds": seconds}
+    writer.commit(seed, meta)
+    return {"shard": shard.name, "seconds": seconds, "images": len(classes) * cfg.ipc}
+
+
+def random_real_images(real_train: ClassDataset, classes: list[int], ipc: int, seed: int) -> dict[int, list[torch.Tensor]]:
+    """The baseline: IPC random real training images per class (seeded per class)."""
+    return {c: list(real_train.class_images(c, ipc, torch.Generator().manual_seed(seed * 1_000_003 + c))) for c in classes}
+
+
+def synthesize(
+    store: Store, teacher: nn.Module, spec: ImageSpec, cfg: RecoverConfig, classes: list[int], shard: ClassShard,
+    seed: int, device: torch.device | str,
+) -> dict[int, list[torch.Tensor]]:
+    """Recover the shard's images, ``classes_per_pass`` groups per forward pass."""
     if cfg.batching == "class_wise":
         targets = BNTarget.rows_of(load_stats(store, shard.name))
         groups = class_wise_groups(classes, cfg.ipc, targets, seed)
@@ -135,13 +160,7 @@ def recover_shard(
         for group, images in zip(chunk, recover_groups(teacher, chunk, cfg, bounds_of(spec), device)):
             for label, image in zip(group.labels, images):
                 per_class[label].append(image)
-    writer = ShardWriter(store, IMAGES_STAGE, shard.name)
-    for c in classes:
-        for i, image in enumerate(per_class[c]):
-            writer.put(image_object_name(c, i), encode_png(image))
-    seconds = time.time() - started
-    writer.commit(seed, {"classes": classes, "ipc": cfg.ipc, "batching": cfg.batching, "seconds": seconds})
-    return {"shard": shard.name, "seconds": seconds, "images": len(classes) * cfg.ipc}
+    return per_class
 
 
 def load_shard_images(store: Store, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +172,39 @@ def load_shard_images(store: Store, name: str) -> tuple[torch.Tensor, torch.Tens
     images = [decode_png(read_object(store, IMAGES_STAGE, name, n, manifest)) for n in names]
     labels = [int(n.split("_")[0]) for n in names]
     return torch.stack(images), torch.tensor(labels)
+
+
+def image_id_of(name: str, ipc: int) -> int:
+    """Global image id of an image object ``CCCCC_IIII.png``: class * ipc + index."""
+    class_id, index = name.split(".")[0].split("_")
+    return int(class_id) * ipc + int(index)
+
+
+def load_all_images(store: Store, ipc: int) -> dict[int, torch.Tensor]:
+    """Every committed image of the run, by global image id (CutMix partners come from any class)."""
+    images: dict[int, torch.Tensor] = {}
+    for name in list_shards(store, IMAGES_STAGE):
+        manifest = verify_shard(store, IMAGES_STAGE, name)
+        if manifest is None:
+            raise FileNotFoundError(f"images shard '{name}' does not verify: run the recover stage")
+        for entry in manifest.objects:
+            images[image_id_of(entry.name, ipc)] = decode_png(read_object(store, IMAGES_STAGE, name, entry.name, manifest))
+    return images
+
+
+def load_pool(store: Store, ipc: int) -> tuple[dict[int, torch.Tensor], "pa.Table"]:  # noqa: F821
+    """The images and every verified label shard's records, for student training."""
+    import pyarrow as pa
+
+    from lpld_ray.labels import LABELS_STAGE, LABELS_OBJECT, read_label_table
+
+    tables = []
+    for name in list_shards(store, LABELS_STAGE):
+        manifest = verify_shard(store, LABELS_STAGE, name)
+        if manifest is None:
+            raise FileNotFoundError(f"labels shard '{name}' does not verify: run the relabel stage")
+        tables.append(read_label_table(read_object(store, LABELS_STAGE, name, LABELS_OBJECT, manifest)))
+    return load_all_images(store, ipc), pa.concat_tables(tables)
 
 
 def contact_sheet(images: torch.Tensor, labels: torch.Tensor, max_classes: int = 100, max_per_class: int = 10) -> bytes:

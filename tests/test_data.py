@@ -188,7 +188,7 @@ def test_image_folder(tmp_path):
     assert train.spec == ImageSpec(3, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     x, y = train[5]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 1
-    stored = np.asarray(Image.open(tmp_path / "train" / "b_trouser" / "img001.png"))
+    stored = np.array(Image.open(tmp_path / "train" / "b_trouser" / "img001.png"))
     assert torch.allclose(x, torch.from_numpy(stored).permute(2, 0, 1).float() / 255)
     assert train.targets.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     val = load_dataset(cfg, "test")

@@ -1,0 +1,56 @@
+"""Within-class diversity of distilled runs: mean pairwise cosine of the teacher's penultimate features per class."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lpld_ray.data import load_dataset  # noqa: E402
+from lpld_ray.metrics import within_class_cosine  # noqa: E402
+from lpld_ray.models import build_model, load_weights_bytes  # noqa: E402
+from lpld_ray.run_record import read_run_config  # noqa: E402
+from lpld_ray.stages import IMAGES_STAGE, load_shard_images  # noqa: E402
+from lpld_ray.storage import Store, list_shards  # noqa: E402
+from lpld_ray.teacher import teacher_state_bytes  # noqa: E402
+
+log = logging.getLogger("diversity")
+
+
+def run_diversity(run_dir: str, teacher_run: str | None) -> dict:
+    """Diversity of one run's images, measured with its own teacher (or the teacher of ``teacher_run``)."""
+    store = Store(run_dir)
+    cfg = read_run_config(store)
+    probe = load_dataset(cfg.data, "test")
+    teacher_store = Store(teacher_run) if teacher_run else store
+    teacher = build_model(cfg.teacher.arch, probe.num_classes, probe.spec.channels, probe.spec.size)
+    load_weights_bytes(teacher, teacher_state_bytes(teacher_store, cfg.teacher), source="teacher")
+    images, labels = zip(*(load_shard_images(store, s) for s in list_shards(store, IMAGES_STAGE)))
+    per_class = within_class_cosine(teacher, torch.cat(images), torch.cat(labels), probe.spec)
+    return {
+        "run": run_dir,
+        "batching": cfg.recover.batching,
+        "ipc": cfg.recover.ipc,
+        "mean_within_class_cosine": round(sum(per_class.values()) / len(per_class), 4),
+        "per_class": {c: round(v, 4) for c, v in per_class.items()},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--run-dir", action="append", required=True, help="a finished run (repeatable)")
+    p.add_argument("--teacher-run", help="measure every run with this run's teacher (default: each its own)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for run_dir in args.run_dir:
+        log.info(json.dumps(run_diversity(run_dir, args.teacher_run)))
+
+
+if __name__ == "__main__":
+    main()

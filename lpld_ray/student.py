@@ -1,0 +1,172 @@
+"""Student training on the distilled images and the pruned label pool: the loop each Ray Train worker runs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lpld_ray.config import DataConfig, TrainConfig
+from lpld_ray.data import ImageSpec, load_dataset, normalize
+from lpld_ray.teacher import evaluate
+
+log = logging.getLogger(__name__)
+
+STUDENT_STAGE = "train"
+STUDENT_SHARD = "model"
+STUDENT_OBJECT = "student.pt"
+CHECKPOINT_FILE = "state.pt"
+
+
+class SoftTargetKLLoss(nn.Module):
+    """KL(log_softmax(s/T) || softmax(t/T)), batch mean: the student matches the stored teacher output.
+
+    With ``label_smoothing`` eps the target is (1 - eps) * softmax(t/T) + eps / K.
+    """
+
+    def __init__(self, temperature: float, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.temperature, self.label_smoothing = temperature, label_smoothing
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        t, eps = self.temperature, self.label_smoothing
+        target = F.softmax(teacher_logits / t, dim=1)
+        if eps:
+            target = (1 - eps) * target + eps / target.shape[1]
+        return F.kl_div(F.log_softmax(student_logits / t, dim=1), target, reduction="batchmean")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up for ``warmup_epochs``, then cosine to zero, stepped per batch."""
+    warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_student_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    spec: ImageSpec,
+    device: torch.device,
+) -> float:
+    """One pass over the pool (each image once, through this epoch's view); returns the mean loss."""
+    model.train()
+    total, seen = 0.0, 0
+    for views, teacher_logits in loader:
+        views, teacher_logits = views.to(device), teacher_logits.to(device)
+        loss = loss_fn(model(normalize(views, spec)), teacher_logits)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * views.shape[0]
+        seen += views.shape[0]
+    return total / max(seen, 1)
+
+
+@dataclass(frozen=True)
+class StudentJob:
+    """What one Ray Train run of the student needs: its sections, the run root and the seed."""
+
+    data: DataConfig
+    train: TrainConfig
+    store_root: str
+    storage_options: dict | None
+    seed: int
+    ipc: int
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, checkpoint) -> int:
+    """Load the latest Ray Train checkpoint, if any; returns the epoch to start from."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    log.info("student: resuming from the checkpoint of epoch %d", state["epoch"])
+    return int(state["epoch"])
+
+
+def _checkpoint(model: nn.Module, optimizer, scheduler, epoch: int):
+    from ray.train import Checkpoint
+
+    folder = tempfile.mkdtemp(prefix="lpld-ckpt-")
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
+    torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+    return Checkpoint.from_directory(folder)
+
+
+def student_train_loop(job: StudentJob) -> None:
+    """Per-worker loop under Ray Train: KD on the label pool, rank-0 checkpoints, every rank reports."""
+    import ray.train
+    import ray.train.torch
+
+    from lpld_ray.labels import LabelPoolDataset
+    from lpld_ray.models import build_model, save_weights_bytes
+    from lpld_ray.stages import load_pool
+    from lpld_ray.storage import ShardWriter, Store
+
+    cfg = job.train
+    torch.manual_seed(job.seed)
+    store = Store(job.store_root, job.storage_options)
+    images, table = load_pool(store, job.ipc)
+    test_set = load_dataset(job.data, "test")
+    spec = test_set.spec
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cpus_per_worker)
+    pool = LabelPoolDataset(images, table, spec.size, sampling=cfg.view_sampling, seed=job.seed)
+    loader = ray.train.torch.prepare_data_loader(DataLoader(pool, batch_size=cfg.batch_size, shuffle=True))
+    model = ray.train.torch.prepare_model(build_model(cfg.arch, test_set.num_classes, spec.channels, spec.size))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, len(loader))
+    bare = model.module if hasattr(model, "module") else model
+    start = _restore(bare, optimizer, scheduler, ray.train.get_checkpoint())
+    loss_fn = SoftTargetKLLoss(cfg.temperature, cfg.label_smoothing)
+    test_loader = DataLoader(test_set, batch_size=1000)
+    rank = ray.train.get_context().get_world_rank()
+    started = time.time()
+    for epoch in range(start, cfg.epochs):
+        pool.set_epoch(epoch)
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        loss = train_student_epoch(model, loader, loss_fn, optimizer, scheduler, spec, device)
+        done = epoch + 1
+        metrics = {"epoch": done, "loss": loss, "resumed_from": start}
+        if done % cfg.eval_every == 0 or done == cfg.epochs:
+            metrics["test_top1"] = evaluate(model, test_loader, spec, device)
+            log.info("student epoch %d/%d loss %.4f test top-1 %.4f", done, cfg.epochs, loss, metrics["test_top1"])
+        checkpoint = None
+        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
+            checkpoint = _checkpoint(bare, optimizer, scheduler, done)
+        ray.train.report(metrics, checkpoint=checkpoint)
+    if rank == 0:
+        writer = ShardWriter(store, STUDENT_STAGE, STUDENT_SHARD)
+        writer.put(STUDENT_OBJECT, save_weights_bytes(bare))
+        writer.commit(job.seed, {"arch": cfg.arch, "epochs": cfg.epochs, "resumed_from": start,
+                                 "student_top1": evaluate(bare, test_loader, spec, device),
+                                 "seconds": time.time() - started})

@@ -1,0 +1,135 @@
+"""Shared fixtures: a real local Ray cluster (own temp dir and ports, stopped by PID) and tiny configs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY_OVERRIDES = [
+    "data.num_classes=4",
+    "data.train_per_class=150",
+    "teacher.epochs=1",
+    "teacher.batch_size=64",
+    "teacher.cpus_per_worker=1",
+    "squeeze.partitions=2",
+    "recover.ipc=2",
+    "recover.iterations=5",
+    "recover.classes_per_pass=2",
+    "runner.class_shard_size=2",
+    "runner.progress_every_s=1",
+]
+
+
+def free_ports(count: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class RayCluster:
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: str
+    pid: int
+
+    def submit(self, args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+        """``ray job submit`` of ``python jobs/distill.py ARGS``; waits for the job to end."""
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO),
+               "--", "python", "jobs/distill.py", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
+
+
+def wait_for_dashboard(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"Ray dashboard at {url} did not come up in {timeout}s")
+
+
+def stop_cluster(proc: subprocess.Popen, temp_dir: str) -> None:
+    """Stop our head (its process group) and any process still naming our temp dir; never `ray stop`."""
+    import psutil
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    temp_dir = tempfile.mkdtemp(prefix="lr", dir="/tmp")
+    gcs, dash, client, nm, om, agent, metrics, rt_agent = free_ports(8)
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", f"--temp-dir={temp_dir}",
+        "--node-ip-address=127.0.0.1", f"--port={gcs}", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+        f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
+        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_agent}",
+        "--min-worker-port=0", "--max-worker-port=0", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats",
+    ]
+    log = open(Path(temp_dir) / "ray_start.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        wait_for_dashboard(url, proc)
+        yield RayCluster(f"127.0.0.1:{gcs}", url, temp_dir, proc.pid)
+    finally:
+        stop_cluster(proc, temp_dir)
+        log.close()
+
+
+def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python jobs/distill.py ARGS`` as a user would run it (no Ray cluster address given)."""
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "distill.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=child_env(), cwd=REPO)
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """path -> (size, mtime_ns) of every file below root."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}

@@ -1,0 +1,74 @@
+"""Bad input to jobs/distill.py: a one-line error naming the value, a non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli, tree_snapshot
+from lpld_ray.models import build_model, save_weights_bytes
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    """A run directory that already holds data; no bad command may touch it."""
+    run = tmp_path / "run"
+    (run / "images" / "shard-00000").mkdir(parents=True)
+    (run / "run.yaml").write_text("schema_version: 1\nconfig: {}\n")
+    (run / "images" / "shard-00000" / "00000_0000.png").write_bytes(b"png bytes")
+    return run
+
+
+@pytest.fixture(scope="module")
+def three_class_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "teacher3.pt"
+    path.write_bytes(save_weights_bytes(build_model("convnet", 3, 1, 28)))
+    return path
+
+
+CASES = {
+    "unknown key": (["--set", "recover.iterationz=5"], "recover.iterationz"),
+    "ipc zero": (["--set", "recover.ipc=0"], "recover.ipc"),
+    "ipc negative": (["--set", "recover.ipc=-2"], "-2"),
+    "iterations zero": (["--set", "recover.iterations=0"], "recover.iterations"),
+    "dataset missing": (["--set", "data.root=/nonexistent/fmnist"], "/nonexistent/fmnist"),
+    "teacher missing": (["--set", "teacher.weights=/nonexistent/teacher.pt"], "/nonexistent/teacher.pt"),
+    "unknown stage": (["--stages", "squeeze,distil"], "distil"),
+    "bad config file": (["--config", "/nonexistent/x.yaml"], "/nonexistent/x.yaml"),
+}
+
+
+def assert_one_line_error(result, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert fragment in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_fails_cleanly(name, existing_run):
+    args, fragment = CASES[name]
+    before = tree_snapshot(existing_run)
+    result = run_cli(["--config", "jobs/configs/fashion_mnist.yaml", "--run-dir", str(existing_run), *args])
+    assert_one_line_error(result, fragment)
+    assert tree_snapshot(existing_run) == before
+
+
+def test_teacher_with_wrong_class_count(existing_run, three_class_weights):
+    before = tree_snapshot(existing_run)
+    result = run_cli(["--run-dir", str(existing_run), "--set", f"teacher.weights={three_class_weights}"])
+    assert_one_line_error(result, "3 output classes but the dataset has 10")
+    assert tree_snapshot(existing_run) == before
+
+
+def test_unsupported_run_dir_scheme(tmp_path):
+    result = run_cli(["--run-dir", "ftp://host/runs/x"])
+    assert_one_line_error(result, "ftp://host/runs/x")
+    assert "s3://" in result.stderr  # says what is allowed
+
+
+def test_new_run_dir_not_created_on_bad_input(tmp_path):
+    run = tmp_path / "fresh"
+    result = run_cli(["--run-dir", str(run), "--set", "recover.ipc=0"])
+    assert result.returncode == 2
+    assert not run.exists()

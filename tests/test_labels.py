@@ -1,0 +1,211 @@
+"""The label pool: view counts, seeded views, bit-identical rebuilds, Parquet records, and the pool Dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow as pa
+import pytest
+import torch
+from torch import nn
+
+from lpld_ray.config import RelabelConfig
+from lpld_ray.errors import ConfigError, StorageError
+from lpld_ray.labels import (
+    LABEL_SCHEMA_VERSION, LABELS_OBJECT, LABELS_STAGE, VERSION_KEY, LabelPoolDataset, compose_view, image_id_of,
+    label_bytes, read_label_shard, read_label_table, records_to_table, relabel_shard, sample_beta, sample_view,
+    stream_generator, table_to_parquet, view_counts,
+)
+from lpld_ray.storage import Store, verify_shard
+
+CLASSES, IPC, SIDE = 3, 4, 16
+
+
+def make_images(classes: int = CLASSES, ipc: int = IPC, side: int = SIDE, seed: int = 0) -> dict[int, torch.Tensor]:
+    """Random 8-bit images as decoded PNGs would be: [1,side,side] in [0,1]."""
+    gen = torch.Generator().manual_seed(seed)
+    return {image_id_of(c, i, ipc): torch.randint(0, 256, (1, side, side), generator=gen).float() / 255
+            for c in range(classes) for i in range(ipc)}
+
+
+def tiny_teacher(num_classes: int = CLASSES) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, num_classes))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.1, 0.1)
+        net[1].running_var.uniform_(0.5, 1.5)
+    return net
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - 0.5) / 0.25
+
+
+class Recorder:
+    """A normalize_fn that keeps every batch the teacher is given."""
+
+    def __init__(self) -> None:
+        self.batches: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.clone())
+        return normalize(x)
+
+    def seen(self) -> torch.Tensor:
+        return torch.cat(self.batches)
+
+
+def relabel(tmp_path, cfg: RelabelConfig, ids: list[int], images=None, teacher=None, seed: int = 7, shard="shard-00001"):
+    images = images if images is not None else make_images()
+    teacher = teacher if teacher is not None else tiny_teacher()
+    rec = Recorder()
+    store = Store(str(tmp_path / "run"))
+    counts = view_counts(len(images), cfg.epochs, cfg.compression, seed)
+    meta = relabel_shard(store, teacher, rec, images, ids, counts, CLASSES, cfg, seed, "cpu", shard=shard)
+    return store, meta, rec, images, counts
+
+
+@pytest.mark.parametrize("mix", ["none", "cutmix", "cutout"])
+def test_dataset_rebuilds_the_view_the_teacher_saw_bit_for_bit(tmp_path, mix):
+    cfg = RelabelConfig(epochs=5, mix=mix, batch_size=7, crop_scale=(0.3, 1.0))
+    shard_ids = [image_id_of(1, i, IPC) for i in range(IPC)]
+    teacher = tiny_teacher()
+    bn_before = teacher[1].running_mean.clone()
+    store, meta, rec, images, counts = relabel(tmp_path, cfg, shard_ids, teacher=teacher)
+    assert teacher.training and torch.equal(teacher[1].running_mean, bn_before)  # eval during relabel, mode restored
+    table = read_label_shard(store, "shard-00001")
+    seen = rec.seen()
+    assert seen.shape == (table.num_rows, 1, SIDE, SIDE) == (meta["records"], 1, SIDE, SIDE)
+    ds = LabelPoolDataset(images, table, SIDE, seed=3)
+    assert len(ds) == IPC
+    touched = 0
+    for epoch in range(cfg.epochs):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            x, y = ds[i]
+            row = ds.row(i, epoch)
+            assert torch.equal(x, seen[row])
+            view = ds.record(row)
+            assert view == sample_view(7, view.image_id, view.view_id, len(images), SIDE, cfg)
+            with torch.no_grad():
+                expect = teacher.eval()(normalize(x[None]))[0].half().float()
+            assert y.dtype == torch.float32 and torch.allclose(y, expect, atol=2e-3)
+            plain = compose_view(images[view.image_id], None, dataclasses.replace(view, mix=0), SIDE)
+            box = view.mix_box
+            if mix == "none":
+                assert view.mix == 0 and box is None and torch.equal(x, plain)
+            elif box is not None and box.height * box.width > 0:
+                region = x[:, box.top:box.top + box.height, box.left:box.left + box.width]
+                if mix == "cutout":
+                    assert torch.all(region == 0)
+                else:
+                    assert view.partner_id != view.image_id and 0 < view.lam < 1
+                    touched += int(view.partner_id // IPC != 1 and not torch.equal(x, plain))
+                touched += mix == "cutout"
+    if mix != "none":
+        assert touched > 0  # some views really were mixed (cutmix: with a partner of another class)
+
+
+def test_compression_keeps_one_in_k_views_and_label_bytes(tmp_path):
+    n, epochs = 60, 300
+    images = make_images(classes=CLASSES, ipc=n // CLASSES, side=8)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, CLASSES))
+    metas = {}
+    for kk in (1, 10, 40):
+        cfg = RelabelConfig(epochs=epochs, compression=kk, mix="none", flip=False, batch_size=2048)
+        _, metas[kk], *_ = relabel(tmp_path / f"k{kk}", cfg, list(range(n)), images=images, teacher=teacher)
+        expected = n * epochs / kk
+        assert abs(int(view_counts(n, epochs, kk, 7).sum()) - expected) <= 0.01 * expected
+        assert abs(metas[kk]["records"] - expected) <= 0.01 * expected
+    for k in (10, 40):
+        ratio = metas[1]["logit_bytes"] / metas[k]["logit_bytes"]
+        assert abs(ratio - k) <= 0.01 * k
+        assert metas[k]["logit_bytes"] == metas[k]["records"] * CLASSES * 2
+
+
+def test_view_counts_are_seeded_and_shard_slices_sum_to_the_total():
+    a, b = view_counts(60, 7, 3.0, seed=1), view_counts(60, 7, 3.0, seed=1)
+    assert a.dtype == torch.int64 and torch.equal(a, b)
+    assert not torch.equal(a, view_counts(60, 7, 3.0, seed=2))
+    assert int(a.sum()) == 140 and set(a.tolist()) == {2, 3}
+    slices = [view_counts(60, 7, 3.0, seed=1)[s:s + 20] for s in range(0, 60, 20)]  # each shard on its own
+    assert sum(int(s.sum()) for s in slices) == int(a.sum())
+    assert view_counts(10, 5, 40.0, seed=0).tolist() == [1] * 10  # k > E: floored at one view per image
+
+
+def test_views_do_not_depend_on_call_order_and_beta_is_right():
+    cfg = RelabelConfig(mix="cutmix")
+    first = [sample_view(3, i, v, 12, SIDE, cfg) for i in range(12) for v in range(3)]
+    again = [sample_view(3, i, v, 12, SIDE, cfg) for i in reversed(range(12)) for v in range(3)][::-1]
+    assert sorted(first, key=lambda v: (v.image_id, v.view_id)) == sorted(again, key=lambda v: (v.image_id, v.view_id))
+    assert sample_view(4, 0, 0, 12, SIDE, cfg) != sample_view(3, 0, 0, 12, SIDE, cfg)
+    for a in (0.5, 1.0, 2.0):
+        gen = stream_generator(0, int(a * 10))
+        draws = torch.tensor([sample_beta(gen, a) for _ in range(3000)])
+        assert abs(draws.mean() - 0.5) < 0.03
+        assert abs(draws.var() - 1 / (4 * (2 * a + 1))) < 0.015
+
+
+def pool_table(num_images: int, epochs: int, k: float, seed: int = 0) -> tuple[pa.Table, torch.Tensor]:
+    cfg = RelabelConfig(epochs=epochs, compression=k, mix="cutmix")
+    counts = view_counts(num_images, epochs, k, seed)
+    views = [sample_view(seed, i, v, num_images, SIDE, cfg) for i in range(num_images) for v in range(int(counts[i]))]
+    return records_to_table(views, torch.randn(len(views), CLASSES), CLASSES), counts
+
+
+def test_views_cycle_evenly_and_uniform_draws_are_valid():
+    epochs = 10
+    table, counts = pool_table(CLASSES * IPC, epochs, 3.0)
+    assert set(counts.tolist()) == {3, 4}
+    images = make_images()
+    cycle = LabelPoolDataset(images, table, SIDE, sampling="cycle", seed=5)
+    uniform = LabelPoolDataset(images, table, SIDE, sampling="uniform", seed=5)
+    assert len(cycle) == CLASSES * IPC
+    for i in range(len(cycle)):
+        n = int(counts[int(cycle.image_ids[i])])
+        used = [cycle.view_index(i, e) for e in range(epochs)]
+        hist = [used.count(v) for v in range(n)]
+        assert sum(hist) == epochs and max(hist) - min(hist) <= 1
+        drawn = [uniform.view_index(i, e) for e in range(epochs)]
+        assert all(0 <= d < n for d in drawn) and drawn == [uniform.view_index(i, e) for e in range(epochs)]
+    offsets = {cycle.view_index(i, 0) for i in range(len(cycle))}
+    assert len(offsets) > 1  # per-image offsets, not all images on view 0 together
+    assert len({tuple(uniform.view_index(i, e) for i in range(len(uniform))) for e in range(epochs)}) > 1
+    uniform.set_epoch(3)
+    x, y = uniform[2]
+    assert x.shape == (1, SIDE, SIDE) and y.shape == (CLASSES,) and y.dtype == torch.float32
+    row = uniform.row(2, 3)
+    stored = torch.from_numpy(table.column("logits").combine_chunks().values.to_numpy().copy()).view(-1, CLASSES)[row]
+    assert torch.equal(y, stored.float())
+
+
+def test_parquet_round_trip_and_schema_version_check(tmp_path):
+    cfg = RelabelConfig(epochs=4, mix="cutmix", batch_size=5)
+    store, meta, rec, images, counts = relabel(tmp_path, cfg, [0, 1, 2, 3], shard="shard-00000")
+    manifest = verify_shard(store, LABELS_STAGE, "shard-00000")
+    assert manifest is not None and [o.name for o in manifest.objects] == [LABELS_OBJECT]
+    assert manifest.meta == meta and meta["schema_version"] == LABEL_SCHEMA_VERSION
+    table = read_label_shard(store, "shard-00000")
+    assert table.schema.field("logits").type == pa.list_(pa.float16(), CLASSES)
+    assert table.num_rows == meta["records"] == int(counts[:4].sum())
+    sizes = label_bytes(table)
+    assert sizes == {"logits": meta["logit_bytes"], "aug": meta["aug_bytes"], "total": meta["logit_bytes"] + meta["aug_bytes"]}
+    assert sizes["aug"] == table.num_rows * 51
+    old = dict(table.schema.metadata)
+    bad = table.replace_schema_metadata({**old, VERSION_KEY: b"99"})
+    with pytest.raises(StorageError) as err:
+        read_label_table(table_to_parquet(bad))
+    msg = str(err.value)
+    assert "99" in msg and f"supported: {LABEL_SCHEMA_VERSION}" in msg and "\n" not in msg
+    with pytest.raises(StorageError, match="missing"):
+        read_label_table(table_to_parquet(table.replace_schema_metadata({})))
+    with pytest.raises(StorageError, match="Parquet"):
+        read_label_table(b"not parquet")
+
+
+@pytest.mark.parametrize("field,value", [("compression", 0.5), ("epochs", 0), ("cutmix_beta", 0.0),
+                                         ("cutout_fraction", 0.0), ("mix", "mixup")])
+def test_relabel_config_rejects_bad_values(field, value):
+    with pytest.raises(ConfigError, match=f"relabel.{field}"):
+        RelabelConfig(**{field: value})

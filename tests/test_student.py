@@ -1,0 +1,63 @@
+"""Student pieces without Ray: the KD loss, the schedule, and one epoch on a label pool."""
+
+import math
+
+import pytest
+import torch
+
+from lpld_ray.config import TrainConfig
+from lpld_ray.errors import ConfigError
+from lpld_ray.config import load_config
+from lpld_ray.student import SoftTargetKLLoss, make_optimizer, make_scheduler
+
+
+def test_kd_loss_is_zero_only_when_matching():
+    loss = SoftTargetKLLoss(temperature=4.0)
+    t = torch.randn(8, 10)
+    assert loss(t.clone(), t).abs() < 1e-6
+    assert loss(torch.randn(8, 10), t) > 1e-3
+
+
+def test_kd_loss_matches_definition():
+    s, t, temp = torch.randn(5, 7), torch.randn(5, 7), 20.0
+    p = torch.softmax(t / temp, 1)
+    expected = (p * (p.log() - torch.log_softmax(s / temp, 1))).sum(1).mean()
+    assert torch.allclose(SoftTargetKLLoss(temp)(s, t), expected, atol=1e-6)
+
+
+def test_label_smoothing_moves_the_target():
+    t = torch.tensor([[10.0, 0.0, 0.0]])
+    plain, smooth = SoftTargetKLLoss(1.0), SoftTargetKLLoss(1.0, label_smoothing=0.2)
+    uniform = torch.zeros(1, 3)
+    assert smooth(uniform, t) < plain(uniform, t)
+
+
+def test_warmup_then_cosine_to_zero():
+    cfg = TrainConfig(epochs=10, warmup_epochs=2, lr=1.0)
+    model = torch.nn.Linear(2, 2)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, steps_per_epoch=5)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1)  # first of 10 warm-up steps
+    assert lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_sgd_option():
+    opt = make_optimizer(torch.nn.Linear(2, 2), TrainConfig(optimizer="sgd", lr=0.2, momentum=0.9))
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("relabel.compression=0.5", "relabel.compression"), ("train.temperature=0", "train.temperature"),
+     ("train.temperature=-1", "train.temperature"), ("train.epochs=0", "train.epochs")],
+)
+def test_bad_train_and_relabel_values(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
