@@ -171,7 +171,7 @@ def compose_view(image: Tensor, partner: Tensor | None, view: ViewParams, size: 
             raise ValueError(f"view {view.image_id}/{view.view_id} is a CutMix view: it needs its partner image {view.partner_id}")
         out[:, rows, cols] = _crop_flip(partner, view.partner_crop, view.partner_flip, size)[:, rows, cols]
     else:
-        out[:, rows, cols] = 0.5
+        out[:, rows, cols] = 0.0
     return out
 
 
