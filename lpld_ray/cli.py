@@ -11,10 +11,11 @@ from typing import Sequence
 
 from lpld_ray.config import Config, load_config
 from lpld_ray.errors import LpldError
+from lpld_ray.plan import STAGE_ORDER as STAGES
 
 log = logging.getLogger("lpld_ray")
 
-STAGES = ("teacher", "squeeze", "recover", "relabel", "train", "report")
+
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -59,7 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         stages = parse_stages(args.stages)
         store, num_classes = preflight(cfg, args.run_dir)
+        from lpld_ray.plan import check_stage_inputs
         from lpld_ray.run_record import write_or_check_run_record
+        from lpld_ray.stages import plan_class_shards
+
+        check_stage_inputs(cfg, store, stages, plan_class_shards(num_classes, cfg.runner.class_shard_size))
 
         write_or_check_run_record(store, cfg)
     except LpldError as err:

@@ -34,7 +34,7 @@ _BOX_FIELDS = ("crop", "partner_crop", "mix_box")
 
 __all__ = ["RelabelConfig", "ViewParams", "LabelPoolDataset", "view_counts", "sample_view", "compose_view",
            "relabel_shard", "records_to_table", "read_label_table", "read_label_shard", "label_bytes",
-           "label_schema", "image_id_of", "images_by_id"]
+           "label_schema", "image_id_of"]
 
 
 # ----------------------------------------------------------------------------- ids, counts, seeded streams
@@ -43,17 +43,6 @@ __all__ = ["RelabelConfig", "ViewParams", "LabelPoolDataset", "view_counts", "sa
 def image_id_of(class_id: int, index: int, ipc: int) -> int:
     """The run-wide image id: ``class_id * ipc + index``."""
     return int(class_id) * int(ipc) + int(index)
-
-
-def images_by_id(images: Tensor, labels: Tensor, ipc: int) -> dict[int, Tensor]:
-    """{image id: [C,H,W]} from ``load_shard_images`` output (sorted by class, then index)."""
-    seen: dict[int, int] = {}
-    out: dict[int, Tensor] = {}
-    for image, label in zip(images, labels.tolist()):
-        index = seen.get(label, 0)
-        seen[label] = index + 1
-        out[image_id_of(label, index, ipc)] = image
-    return out
 
 
 def stream_generator(*parts: int) -> torch.Generator:

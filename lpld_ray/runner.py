@@ -12,8 +12,8 @@ import ray
 import torch
 
 from lpld_ray.config import Config, DataConfig, RecoverConfig, RelabelConfig, RunnerConfig
-from lpld_ray.errors import LpldError
 from lpld_ray.models import build_model, load_weights_bytes
+from lpld_ray.plan import STAGE_ORDER
 from lpld_ray.stages import (
     GLOBAL_SHARD,
     IMAGES_STAGE,
@@ -115,12 +115,12 @@ class ShardWorker:
 
     def relabel(self, shard: ClassShard, cfg: RelabelConfig, ipc: int, num_classes: int, seed: int) -> dict:
         from lpld_ray.data import normalize
-        from lpld_ray.labels import relabel_shard, view_counts
+        from lpld_ray.labels import image_id_of, relabel_shard, view_counts
 
         if self.images is None:
             self.images = load_all_images(self.store, ipc)
         counts = view_counts(len(self.images), cfg.epochs, cfg.compression, seed)
-        ids = [c * ipc + i for c in shard.class_ids for i in range(ipc)]
+        ids = [image_id_of(c, i, ipc) for c in shard.class_ids for i in range(ipc)]
         return relabel_shard(self.store, self.teacher, lambda x: normalize(x, self.spec), self.images, ids, counts,
                              num_classes, cfg, seed, self.device, shard.name)
 
@@ -232,9 +232,6 @@ def run_recover(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
     pending = [s for s in shards if verify_shard(store, IMAGES_STAGE, s.name) is None]
     log.info("recover: %d of %d class shards to do", len(pending), len(shards))
     if pending:
-        missing_stats = [s.name for s in pending if read_manifest(store, STATS_STAGE, s.name) is None]
-        if missing_stats and cfg.recover.batching == "class_wise":
-            raise LpldError(f"recover needs the squeeze stage's stats for {missing_stats[0]}: run with --stages squeeze,recover")
         threads = cfg.runner.cpus_per_worker
         run_shard_queue(
             "recover",
@@ -251,19 +248,10 @@ def run_recover(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
     return {"shards_done": len(pending), "contact_sheet": store.uri("report/contact_sheet.png")}
 
 
-def require_stage(store: Store, stage: str, names: list[str], needed_by: str, producer: str) -> None:
-    """Fail with one line naming the missing stage when a later stage's inputs are absent."""
-    missing = [n for n in names if verify_shard(store, stage, n) is None]
-    if missing:
-        raise LpldError(f"{needed_by} needs the {producer} stage's output, but {stage}/{missing[0]} is missing "
-                        f"({len(missing)} of {len(names)} shards): run with --stages {producer},{needed_by}")
-
-
 def run_relabel(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef, num_classes: int) -> dict:
     """One label shard per class shard; every images shard must exist (CutMix partners come from any class)."""
     from lpld_ray.labels import LABELS_STAGE
 
-    require_stage(store, IMAGES_STAGE, [s.name for s in shards], "relabel", "recover")
     pending = [s for s in shards if verify_shard(store, LABELS_STAGE, s.name) is None]
     log.info("relabel: %d of %d class shards to do", len(pending), len(shards))
     if pending:
@@ -281,11 +269,8 @@ def run_relabel(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
 
 def run_train(cfg: Config, store: Store, shards: list[ClassShard]) -> dict:
     """Student training with Ray Train; re-running resumes from the last checkpoint under <run>/train/."""
-    from lpld_ray.labels import LABELS_STAGE
     from lpld_ray.student import STUDENT_SHARD, STUDENT_STAGE, StudentJob, student_train_loop
 
-    require_stage(store, IMAGES_STAGE, [s.name for s in shards], "train", "recover")
-    require_stage(store, LABELS_STAGE, [s.name for s in shards], "train", "relabel")
     manifest = verify_shard(store, STUDENT_STAGE, STUDENT_SHARD)
     if manifest is None:
         job = StudentJob(cfg.data, cfg.train, store.root, store.storage_options, cfg.seed, cfg.recover.ipc)
@@ -315,13 +300,12 @@ def run_report(cfg: Config, store: Store, summary: dict[str, dict]) -> dict:
     return {"report": uri}
 
 
-STAGE_ORDER = ("teacher", "squeeze", "recover", "relabel", "train", "report")
 
 
 def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int) -> dict[str, dict]:
     """Run the asked stages in order; each does only the work whose shards do not verify."""
-    init_ray()
     shards = plan_class_shards(num_classes, cfg.runner.class_shard_size)
+    init_ray()
     summary: dict[str, dict] = {}
     state_ref = None
     for stage in STAGE_ORDER:

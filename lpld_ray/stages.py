@@ -174,10 +174,12 @@ def load_shard_images(store: Store, name: str) -> tuple[torch.Tensor, torch.Tens
     return torch.stack(images), torch.tensor(labels)
 
 
-def image_id_of(name: str, ipc: int) -> int:
-    """Global image id of an image object ``CCCCC_IIII.png``: class * ipc + index."""
+def image_id_from_name(name: str, ipc: int) -> int:
+    """Run-wide image id of an image object ``CCCCC_IIII.png``."""
+    from lpld_ray.labels import image_id_of
+
     class_id, index = name.split(".")[0].split("_")
-    return int(class_id) * ipc + int(index)
+    return image_id_of(int(class_id), int(index), ipc)
 
 
 def load_all_images(store: Store, ipc: int) -> dict[int, torch.Tensor]:
@@ -188,7 +190,7 @@ def load_all_images(store: Store, ipc: int) -> dict[int, torch.Tensor]:
         if manifest is None:
             raise FileNotFoundError(f"images shard '{name}' does not verify: run the recover stage")
         for entry in manifest.objects:
-            images[image_id_of(entry.name, ipc)] = decode_png(read_object(store, IMAGES_STAGE, name, entry.name, manifest))
+            images[image_id_from_name(entry.name, ipc)] = decode_png(read_object(store, IMAGES_STAGE, name, entry.name, manifest))
     return images
 
 
@@ -196,7 +198,7 @@ def load_pool(store: Store, ipc: int) -> tuple[dict[int, torch.Tensor], "pa.Tabl
     """The images and every verified label shard's records, for student training."""
     import pyarrow as pa
 
-    from lpld_ray.labels import LABELS_STAGE, LABELS_OBJECT, read_label_table
+    from lpld_ray.labels import LABELS_OBJECT, LABELS_STAGE, read_label_table
 
     tables = []
     for name in list_shards(store, LABELS_STAGE):

@@ -350,3 +350,12 @@ def list_shards(store: Store, stage: str) -> list[str]:
     """Shard folder names under ``<stage>/`` that have a manifest file (not verified)."""
     names = (n.split("/") for n in store.list(stage))
     return sorted(p[0] for p in names if len(p) == 2 and p[1] == MANIFEST_NAME)
+
+
+def copy_stage(src: Store, dst: Store, stage: str) -> int:
+    """Copy every object of ``stage`` from one run to another, each shard's manifest after its data."""
+    names = src.list(stage)
+    ordered = [n for n in names if not n.endswith(MANIFEST_NAME)] + [n for n in names if n.endswith(MANIFEST_NAME)]
+    for name in ordered:
+        dst.write_bytes(f"{stage}/{name}", src.read_bytes(f"{stage}/{name}"))
+    return len(ordered)

@@ -25,9 +25,16 @@ TINY_OVERRIDES = [
     "teacher.batch_size=64",
     "teacher.cpus_per_worker=1",
     "squeeze.partitions=2",
-    "recover.ipc=2",
-    "recover.iterations=5",
+    "recover.ipc=4",
+    "recover.iterations=40",
     "recover.classes_per_pass=2",
+    "relabel.epochs=40",
+    "relabel.compression=4",
+    "train.epochs=40",
+    "train.batch_size=8",
+    "train.eval_every=20",
+    "train.checkpoint_every=10",
+    "train.cpus_per_worker=1",
     "runner.class_shard_size=2",
     "runner.progress_every_s=1",
 ]
@@ -52,11 +59,17 @@ class RayCluster:
     temp_dir: str
     pid: int
 
-    def submit(self, args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-        """``ray job submit`` of ``python jobs/distill.py ARGS``; waits for the job to end."""
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO),
+    def submit(self, args: list[str], timeout: float = 900, wait: bool = True, job_id: str | None = None) -> subprocess.CompletedProcess:
+        """``ray job submit`` of ``python jobs/distill.py ARGS``; by default waits for the job to end."""
+        flags = ([] if wait else ["--no-wait"]) + (["--submission-id", job_id] if job_id else [])
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO), *flags,
                "--", "python", "jobs/distill.py", *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
+
+    def job(self, verb: str, job_id: str) -> subprocess.CompletedProcess:
+        """``ray job status|stop|logs JOB_ID``."""
+        cmd = [str(BIN / "ray"), "job", verb, "--address", self.dashboard_url, job_id]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
 
 
 def child_env() -> dict[str, str]:

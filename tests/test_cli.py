@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_cli, tree_snapshot
+
 from lpld_ray.models import build_model, save_weights_bytes
 
 

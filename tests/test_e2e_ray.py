@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import time
+import uuid
 
+import pytest
 from conftest import TINY_OVERRIDES, tree_snapshot
+
 from lpld_ray.storage import Store, list_shards, verify_shard
 
 pytestmark = pytest.mark.ray
@@ -40,6 +44,29 @@ def test_job_commits_every_shard(finished_run):
     assert images.meta["classes"] == [2, 3]
     assert (run_dir / "report" / "contact_sheet.png").stat().st_size > 100
     assert "recover: 2/2 shards" in result.stdout + result.stderr
+    assert sorted(list_shards(store, "labels")) == ["shard-00000", "shard-00001"]
+    assert verify_shard(store, "train", "model") is not None
+
+
+REPORT_KEYS = {"teacher_top1", "student_top1", "ipc", "compression", "batching", "image_bytes", "label_bytes",
+               "label_bytes_logits", "label_bytes_aug", "epochs", "wall_seconds"}
+
+
+def test_report_has_every_key_and_student_beats_chance(finished_run):
+    run_dir, result = finished_run
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert set(report["wall_seconds"]) == {"teacher", "squeeze", "recover", "relabel", "train", "report"}
+    assert report["ipc"] == 4 and report["compression"] == 4 and report["batching"] == "class_wise"
+    # 16 images x 40 epochs / k=4 = 160 views; logits are fp16 over 10 classes
+    assert report["label_bytes_logits"] == 160 * 10 * 2
+    assert report["label_bytes"] == report["label_bytes_logits"] + report["label_bytes_aug"]
+    assert report["image_bytes"] > 0
+    # 4 classes: chance is 25%. The tiny teacher reaches ~80%+; 45% is a wide margin over chance
+    # that 16 synthetic images with pruned soft labels clear easily.
+    assert report["teacher_top1"] > 0.6
+    assert report["student_top1"] > 0.45, report
+    assert "student top-1" in result.stdout + result.stderr
 
 
 def test_resubmit_skips_verified_shards(ray_cluster, finished_run):
@@ -77,3 +104,28 @@ def test_changed_config_refuses_to_resume(ray_cluster, finished_run):
     assert result.returncode != 0
     assert "recover.iterations" in result.stdout + result.stderr
     assert tree_snapshot(run_dir) == before
+
+
+def test_training_resumes_from_checkpoint(ray_cluster, finished_run, tmp_path):
+    """Stop a job mid-training, re-submit the same command: training continues from the checkpoint."""
+    source, _ = finished_run
+    run_dir = tmp_path / "resume"
+    args = job_args(run_dir, f"teacher.weights={source / 'teacher' / 'model' / 'teacher.pt'}",
+                    "train.epochs=400", "train.checkpoint_every=20", "train.eval_every=400")
+    job_id = f"resume-{uuid.uuid4().hex[:8]}"
+    assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
+    checkpoints = run_dir / "train" / "ray_train"
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(p.name.startswith("checkpoint_") for p in checkpoints.glob("*")):
+        status = ray_cluster.job("status", job_id).stdout
+        assert "FAILED" not in status and "SUCCEEDED" not in status, status
+        time.sleep(0.5)
+    stop = ray_cluster.job("stop", job_id)
+    assert stop.returncode == 0, stop.stderr
+    assert not (run_dir / "train" / "model" / "_MANIFEST.json").exists(), "training finished before it was stopped"
+    result = ray_cluster.submit(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = verify_shard(Store(str(run_dir)), "train", "model")
+    assert manifest is not None
+    assert 20 <= manifest.meta["resumed_from"] < 400
+    assert "resuming from the checkpoint of epoch" in result.stdout + result.stderr

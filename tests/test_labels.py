@@ -12,9 +12,23 @@ from torch import nn
 from lpld_ray.config import RelabelConfig
 from lpld_ray.errors import ConfigError, StorageError
 from lpld_ray.labels import (
-    LABEL_SCHEMA_VERSION, LABELS_OBJECT, LABELS_STAGE, VERSION_KEY, LabelPoolDataset, compose_view, image_id_of,
-    label_bytes, read_label_shard, read_label_table, records_to_table, relabel_shard, sample_beta, sample_view,
-    stream_generator, table_to_parquet, view_counts,
+    LABEL_SCHEMA_VERSION,
+    LABELS_OBJECT,
+    LABELS_STAGE,
+    VERSION_KEY,
+    LabelPoolDataset,
+    compose_view,
+    image_id_of,
+    label_bytes,
+    read_label_shard,
+    read_label_table,
+    records_to_table,
+    relabel_shard,
+    sample_beta,
+    sample_view,
+    stream_generator,
+    table_to_parquet,
+    view_counts,
 )
 from lpld_ray.storage import Store, verify_shard
 

@@ -11,8 +11,15 @@ import torchvision
 from torch import nn
 
 from lpld_ray.errors import ModelError
-from lpld_ray.models import (ARCHS, bn_layers, build_model, load_weights, load_weights_bytes,
-                             penultimate_features, save_weights_bytes)
+from lpld_ray.models import (
+    ARCHS,
+    bn_layers,
+    build_model,
+    load_weights,
+    load_weights_bytes,
+    penultimate_features,
+    save_weights_bytes,
+)
 
 
 def read_local(uri: str) -> bytes:

@@ -1,13 +1,11 @@
 """Student pieces without Ray: the KD loss, the schedule, and one epoch on a label pool."""
 
-import math
 
 import pytest
 import torch
 
-from lpld_ray.config import TrainConfig
+from lpld_ray.config import TrainConfig, load_config
 from lpld_ray.errors import ConfigError
-from lpld_ray.config import load_config
 from lpld_ray.student import SoftTargetKLLoss, make_optimizer, make_scheduler
 
 
