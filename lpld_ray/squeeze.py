@@ -93,12 +93,13 @@ def accumulate_bn_sums(
 
     def hook_for(l: int):
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].detach().double()
-            y = labels_now[0]
-            per_sample_elems = torch.full((x.shape[0],), float(x[0, 0].numel()), dtype=torch.float64, device=x.device)
-            acc.counts[l].index_add_(0, y.cpu(), per_sample_elems.cpu())
-            acc.sums[l].index_add_(0, y.cpu(), x.sum((2, 3)).cpu())
-            acc.sumsqs[l].index_add_(0, y.cpu(), (x * x).sum((2, 3)).cpu())
+            # per-sample sums over H*W in the input's dtype, accumulated across samples in float64
+            x = inputs[0].detach()
+            y = labels_now[0].cpu()
+            per_sample_elems = torch.full((x.shape[0],), float(x[0, 0].numel()), dtype=torch.float64)
+            acc.counts[l].index_add_(0, y, per_sample_elems)
+            acc.sums[l].index_add_(0, y, x.sum((2, 3), dtype=torch.float64).cpu())
+            acc.sumsqs[l].index_add_(0, y, (x * x).sum((2, 3), dtype=torch.float64).cpu())
 
         return hook
 

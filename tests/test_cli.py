@@ -72,3 +72,19 @@ def test_new_run_dir_not_created_on_bad_input(tmp_path):
     result = run_cli(["--run-dir", str(run), "--set", "recover.ipc=0"])
     assert result.returncode == 2
     assert not run.exists()
+
+
+def test_train_without_labels_names_the_missing_stage(tmp_path):
+    from lpld_ray.storage import ShardWriter, Store
+
+    run = tmp_path / "images_only"
+    store = Store(str(run))
+    for index in range(2):  # the preset's 10 classes in shards of 5
+        writer = ShardWriter(store, "images", f"shard-{index:05d}")
+        writer.put(f"{index * 5:05d}_0000.png", b"not checked here")
+        writer.commit(seed=0)
+    before = tree_snapshot(run)
+    result = run_cli(["--config", "jobs/configs/fashion_mnist.yaml", "--run-dir", str(run), "--stages", "train"])
+    assert_one_line_error(result, "train needs the relabel stage's output")
+    assert "labels/shard-00000 is missing" in result.stderr
+    assert tree_snapshot(run) == before

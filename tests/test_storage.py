@@ -365,3 +365,17 @@ def test_s3_round_trip_with_moto():
         assert store.read_bytes("train/x.bin") == b"arrow"
     finally:
         server.stop()
+
+
+def test_copy_stage_keeps_shards_verifiable(tmp_path):
+    from lpld_ray.storage import copy_stage
+
+    src, dst = Store(str(tmp_path / "a")), Store(str(tmp_path / "b"))
+    writer = ShardWriter(src, "images", "shard-00000")
+    writer.put("00000_0000.png", b"x" * 10)
+    writer.put("00000_0001.png", b"y" * 7)
+    writer.commit(seed=3)
+    assert copy_stage(src, dst, "images") == 3
+    manifest = verify_shard(dst, "images", "shard-00000")
+    assert manifest is not None and manifest.seed == 3
+    assert dst.read_bytes("images/shard-00000/00000_0001.png") == b"y" * 7
