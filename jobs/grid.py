@@ -17,7 +17,8 @@ log = logging.getLogger("grid")
 
 METHODS = {
     "lpld": ["recover.batching=class_wise"],
-    "sre2l": ["recover.batching=across_classes", "runner.class_shard_size=10", "recover.classes_per_pass=10"],
+    "sre2l": ["recover.batching=across_classes", "runner.class_shard_size=10", "recover.classes_per_pass=10",
+              "runner.cpus_per_worker=2"],
     "real": ["recover.source=real"],
 }
 

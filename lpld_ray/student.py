@@ -160,10 +160,10 @@ def student_train_loop(job: StudentJob) -> None:
         if done % cfg.eval_every == 0 or done == cfg.epochs:
             metrics["test_top1"] = evaluate(model, test_loader, spec, device)
             log.info("student epoch %d/%d loss %.4f test top-1 %.4f", done, cfg.epochs, loss, metrics["test_top1"])
-        checkpoint = None
-        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
-            checkpoint = _checkpoint(bare, optimizer, scheduler, done)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        due_checkpoint = done % cfg.checkpoint_every == 0 or done == cfg.epochs
+        if due_checkpoint or "test_top1" in metrics:  # every rank reports on the same epochs (a barrier)
+            checkpoint = _checkpoint(bare, optimizer, scheduler, done) if rank == 0 and due_checkpoint else None
+            ray.train.report(metrics, checkpoint=checkpoint)
     if rank == 0:
         writer = ShardWriter(store, STUDENT_STAGE, STUDENT_SHARD)
         writer.put(STUDENT_OBJECT, save_weights_bytes(bare))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +22,9 @@ BIN = Path(sys.executable).parent
 
 TINY_OVERRIDES = [
     "data.num_classes=4",
-    "data.train_per_class=150",
-    "teacher.epochs=1",
-    "teacher.batch_size=64",
+    "data.train_per_class=200",
+    "teacher.epochs=3",
+    "teacher.batch_size=32",
     "teacher.cpus_per_worker=1",
     "squeeze.partitions=2",
     "recover.ipc=4",
@@ -58,22 +60,23 @@ class RayCluster:
     dashboard_url: str
     temp_dir: str
     pid: int
+    auth_env: dict[str, str]
 
     def submit(self, args: list[str], timeout: float = 900, wait: bool = True, job_id: str | None = None) -> subprocess.CompletedProcess:
         """``ray job submit`` of ``python jobs/distill.py ARGS``; by default waits for the job to end."""
         flags = ([] if wait else ["--no-wait"]) + (["--submission-id", job_id] if job_id else [])
         cmd = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO), *flags,
                "--", "python", "jobs/distill.py", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env())
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(self.auth_env))
 
     def job(self, verb: str, job_id: str) -> subprocess.CompletedProcess:
         """``ray job status|stop|logs JOB_ID``."""
         cmd = [str(BIN / "ray"), "job", verb, "--address", self.dashboard_url, job_id]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env(self.auth_env))
 
 
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ, **(extra or {}))
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -86,9 +89,10 @@ def wait_for_dashboard(url: str, proc: subprocess.Popen, timeout: float = 120) -
         if proc.poll() is not None:
             raise RuntimeError(f"ray start exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2) as resp:
-                if resp.status == 200:
-                    return
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered: 401 when Ray's token auth is on (a token in ~/.ray enables it)
         except OSError:
             time.sleep(1)
     raise TimeoutError(f"Ray dashboard at {url} did not come up in {timeout}s")
@@ -126,12 +130,16 @@ def ray_cluster():
         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_agent}",
         "--min-worker-port=0", "--max-worker-port=0", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats",
     ]
+    # Ray's token auth, with a token of this cluster's own (not whatever ~/.ray holds)
+    token = Path(temp_dir) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     log = open(Path(temp_dir) / "ray_start.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=child_env())
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=child_env(auth_env))
     url = f"http://127.0.0.1:{dash}"
     try:
         wait_for_dashboard(url, proc)
-        yield RayCluster(f"127.0.0.1:{gcs}", url, temp_dir, proc.pid)
+        yield RayCluster(f"127.0.0.1:{gcs}", url, temp_dir, proc.pid, auth_env)
     finally:
         stop_cluster(proc, temp_dir)
         log.close()
