@@ -14,9 +14,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lpld_ray.config import RecoverConfig  # noqa: E402
+from lpld_ray.config import RecoverConfig
+from lpld_ray.data import ImageSpec  # noqa: E402
 from lpld_ray.models import build_model  # noqa: E402
-from lpld_ray.recover import BNTarget, ImageBounds, class_wise_groups, recover_groups  # noqa: E402
+from lpld_ray.recover import BNTarget, class_wise_groups, recover_groups  # noqa: E402
 from lpld_ray.squeeze import accumulate_bn_sums  # noqa: E402
 
 log = logging.getLogger("bench_recover")
@@ -62,12 +63,12 @@ def main() -> None:
     model = build_model(args.arch, args.classes, args.channels, args.size).to(args.device).eval()
     targets = synthetic_targets(model.cpu(), args.classes, args.channels, args.size)
     model.to(args.device)
-    bounds = ImageBounds(args.channels, args.size, (0.5,) * args.channels, (0.25,) * args.channels)
+    spec = ImageSpec(args.channels, args.size, (0.5,) * args.channels, (0.25,) * args.channels)
     cfg = RecoverConfig(ipc=args.ipc, iterations=args.iterations, crop_scale=(0.5, 1.0), jitter=2)
     groups = class_wise_groups(list(range(args.classes)), args.ipc, targets, run_seed=0)
-    batched = lambda: recover_groups(model, groups, cfg, bounds, args.device)  # noqa: E731
-    one_by_one = lambda: [recover_groups(model, [g], cfg, bounds, args.device) for g in groups]  # noqa: E731
-    recover_groups(model, groups[:1], RecoverConfig(ipc=args.ipc, iterations=2), bounds, args.device)  # warm-up
+    batched = lambda: recover_groups(model, groups, cfg, spec, args.device)  # noqa: E731
+    one_by_one = lambda: [recover_groups(model, [g], cfg, spec, args.device) for g in groups]  # noqa: E731
+    recover_groups(model, groups[:1], RecoverConfig(ipc=args.ipc, iterations=2), spec, args.device)  # warm-up
     rows = {"one_class_at_a_time": [], "batched": []}
     for _ in range(args.repeats):  # interleaved so drift hits both alike
         rows["one_class_at_a_time"].append(timed(one_by_one))

@@ -12,6 +12,7 @@ from torch import nn
 
 from lpld_ray.augment import SynthAug
 from lpld_ray.config import RecoverConfig
+from lpld_ray.data import ImageSpec
 from lpld_ray.squeeze import BNSums, bn_modules
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,6 @@ class Group:
     labels: tuple[int, ...]
     target: BNTarget
     seed: int
-
-
-@dataclass(frozen=True)
-class ImageBounds:
-    """Per-channel normalization of the teacher's input, for init and pixel clipping."""
-
-    channels: int
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
 
 def group_seed(run_seed: int, batching: str, key: int) -> int:
@@ -119,7 +110,7 @@ def recover_groups(
     teacher: nn.Module,
     groups: list[Group],
     cfg: RecoverConfig,
-    bounds: ImageBounds,
+    spec: ImageSpec,
     device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
     """Optimise all groups in one forward pass per iteration; returns per group images in [0, 1], on CPU."""
@@ -127,11 +118,11 @@ def recover_groups(
     for p in teacher.parameters():
         p.requires_grad_(False)
     gens = group_generators(groups)
-    shape = (bounds.channels, bounds.size, bounds.size)
+    shape = (spec.channels, spec.size, spec.size)
     x = torch.cat([torch.randn((len(g.labels), *shape), generator=gen) for g, gen in zip(groups, gens)])
     x = x.to(device, memory_format=torch.channels_last).requires_grad_(True)
-    mean = torch.tensor(bounds.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(bounds.std, device=device).view(1, -1, 1, 1)
+    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
     low, high = (0 - mean) / std, (1 - mean) / std
     optimizer = torch.optim.Adam([x], lr=cfg.lr, betas=cfg.betas, eps=1e-8)
     bn_inputs: list[torch.Tensor] = []
@@ -141,7 +132,7 @@ def recover_groups(
         for step in range(cfg.iterations):
             for pg in optimizer.param_groups:
                 pg["lr"] = cosine_lr(cfg.lr, step, cfg.iterations)
-            augs = [SynthAug.sample(gen, bounds.size, cfg.crop_scale, cfg.flip, cfg.jitter) for gen in gens]
+            augs = [SynthAug.sample(gen, spec.size, cfg.crop_scale, cfg.flip, cfg.jitter) for gen in gens]
             views = torch.cat([aug.apply(part) for aug, part in zip(augs, torch.split(x, sizes))])
             views = views.contiguous(memory_format=torch.channels_last)
             bn_inputs.clear()

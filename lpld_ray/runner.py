@@ -182,20 +182,27 @@ def fit_with_ray_train(store: Store, stage: str, loop: Callable[[Any], None], jo
     trainer.fit()
 
 
+def train_once(store: Store, stage: str, shard: str, loop: Callable[[Any], None], job: Any, workers: int, cpus: int):
+    """The stage's verified model manifest, training it with Ray Train first when there is none."""
+    manifest = verify_shard(store, stage, shard)
+    if manifest is not None:
+        log.info("%s: verified model already in the run; skipping", stage)
+        return manifest
+    fit_with_ray_train(store, stage, loop, job, workers, cpus)
+    manifest = verify_shard(store, stage, shard)
+    if manifest is None:
+        raise RuntimeError(f"{stage}: training finished but committed no verified model")
+    return manifest
+
+
 def run_teacher(cfg: Config, store: Store) -> dict:
     """Train the teacher with Ray Train unless weights are given or a verified teacher exists."""
     if cfg.teacher.weights:
         log.info("teacher: using given weights %s", cfg.teacher.weights)
         return {"skipped": True}
-    manifest = verify_shard(store, TEACHER_STAGE, TEACHER_SHARD)
-    if manifest is None:
-        job = TeacherJob(cfg.data, cfg.teacher, store.root, store.storage_options, cfg.seed)
-        fit_with_ray_train(store, TEACHER_STAGE, teacher_train_loop, job, cfg.teacher.num_workers, cfg.teacher.cpus_per_worker)
-        manifest = verify_shard(store, TEACHER_STAGE, TEACHER_SHARD)
-        if manifest is None:
-            raise RuntimeError("teacher training finished but committed no verified weights")
-    else:
-        log.info("teacher: verified weights already in the run; skipping")
+    job = TeacherJob(cfg.data, cfg.teacher, store.root, store.storage_options, cfg.seed)
+    manifest = train_once(store, TEACHER_STAGE, TEACHER_SHARD, teacher_train_loop, job, cfg.teacher.num_workers,
+                          cfg.teacher.cpus_per_worker)
     log.info("teacher: test top-1 %.4f", manifest.meta["test_top1"])
     return {"test_top1": manifest.meta["test_top1"]}
 
@@ -271,15 +278,9 @@ def run_train(cfg: Config, store: Store, shards: list[ClassShard]) -> dict:
     """Student training with Ray Train; re-running resumes from the last checkpoint under <run>/train/."""
     from lpld_ray.student import STUDENT_SHARD, STUDENT_STAGE, StudentJob, student_train_loop
 
-    manifest = verify_shard(store, STUDENT_STAGE, STUDENT_SHARD)
-    if manifest is None:
-        job = StudentJob(cfg.data, cfg.train, store.root, store.storage_options, cfg.seed, cfg.recover.ipc)
-        fit_with_ray_train(store, STUDENT_STAGE, student_train_loop, job, cfg.train.num_workers, cfg.train.cpus_per_worker)
-        manifest = verify_shard(store, STUDENT_STAGE, STUDENT_SHARD)
-        if manifest is None:
-            raise RuntimeError("student training finished but committed no verified weights")
-    else:
-        log.info("train: verified student already in the run; skipping")
+    job = StudentJob(cfg.data, cfg.train, store.root, store.storage_options, cfg.seed, cfg.recover.ipc)
+    manifest = train_once(store, STUDENT_STAGE, STUDENT_SHARD, student_train_loop, job, cfg.train.num_workers,
+                          cfg.train.cpus_per_worker)
     log.info("train: student test top-1 %.4f (resumed from epoch %d)", manifest.meta["student_top1"], manifest.meta["resumed_from"])
     return {"student_top1": manifest.meta["student_top1"], "resumed_from": manifest.meta["resumed_from"]}
 

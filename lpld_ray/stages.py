@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lpld_ray.config import DataConfig, RecoverConfig
 from lpld_ray.data import ClassDataset, ImageSpec, load_dataset, normalize
-from lpld_ray.recover import BNTarget, ImageBounds, across_class_groups, class_wise_groups, recover_groups
+from lpld_ray.recover import BNTarget, across_class_groups, class_wise_groups, recover_groups
 from lpld_ray.squeeze import BNSums, accumulate_bn_sums
 from lpld_ray.storage import ShardWriter, Store, list_shards, read_object, shard_name, verify_shard
 
@@ -43,10 +43,6 @@ def plan_class_shards(num_classes: int, shard_size: int) -> list[ClassShard]:
         ClassShard(i, tuple(range(start, min(start + shard_size, num_classes))))
         for i, start in enumerate(range(0, num_classes, shard_size))
     ]
-
-
-def bounds_of(spec: ImageSpec) -> ImageBounds:
-    return ImageBounds(spec.channels, spec.size, tuple(spec.mean), tuple(spec.std))
 
 
 # ----------------------------------------------------------------------------- squeeze
@@ -157,7 +153,7 @@ def synthesize(
     per_class: dict[int, list[torch.Tensor]] = {c: [] for c in classes}
     for start in range(0, len(groups), cfg.classes_per_pass):
         chunk = groups[start : start + cfg.classes_per_pass]
-        for group, images in zip(chunk, recover_groups(teacher, chunk, cfg, bounds_of(spec), device)):
+        for group, images in zip(chunk, recover_groups(teacher, chunk, cfg, spec, device)):
             for label, image in zip(group.labels, images):
                 per_class[label].append(image)
     return per_class

@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lpld_ray.config import DataConfig, TrainConfig
-from lpld_ray.data import ImageSpec, load_dataset, normalize
-from lpld_ray.teacher import evaluate
+from lpld_ray.data import load_dataset
+from lpld_ray.training import evaluate, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -60,30 +60,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def train_student_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    spec: ImageSpec,
-    device: torch.device,
-) -> float:
-    """One pass over the pool (each image once, through this epoch's view); returns the mean loss."""
-    model.train()
-    total, seen = 0.0, 0
-    for views, teacher_logits in loader:
-        views, teacher_logits = views.to(device), teacher_logits.to(device)
-        loss = loss_fn(model(normalize(views, spec)), teacher_logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total += loss.item() * views.shape[0]
-        seen += views.shape[0]
-    return total / max(seen, 1)
 
 
 @dataclass(frozen=True)
@@ -154,7 +130,7 @@ def student_train_loop(job: StudentJob) -> None:
         pool.set_epoch(epoch)
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        loss = train_student_epoch(model, loader, loss_fn, optimizer, scheduler, spec, device)
+        loss = train_epoch(model, loader, loss_fn, optimizer, scheduler, spec, device)
         done = epoch + 1
         metrics = {"epoch": done, "loss": loss, "resumed_from": start}
         if done % cfg.eval_every == 0 or done == cfg.epochs:

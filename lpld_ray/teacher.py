@@ -1,4 +1,4 @@
-"""Teacher training on the real data: plain torch epochs, and the loop each Ray Train worker runs."""
+"""Teacher training on the real data: the loop each Ray Train worker runs, and where the weights live."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lpld_ray.config import DataConfig, TeacherConfig
-from lpld_ray.data import ImageSpec, load_dataset, normalize
+from lpld_ray.data import load_dataset
 from lpld_ray.errors import LpldError
+from lpld_ray.training import evaluate, random_flip, train_epoch
 
 if TYPE_CHECKING:
     from lpld_ray.storage import Store
@@ -24,49 +24,6 @@ log = logging.getLogger(__name__)
 TEACHER_STAGE = "teacher"
 TEACHER_SHARD = "model"
 TEACHER_OBJECT = "teacher.pt"
-
-
-def random_flip(x: torch.Tensor) -> torch.Tensor:
-    """Flip each image of a [B,C,H,W] batch horizontally with probability 1/2."""
-    mask = torch.rand(x.shape[0], device=x.device) < 0.5
-    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
-
-
-def train_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    spec: ImageSpec,
-    device: torch.device,
-) -> tuple[float, float]:
-    """One epoch of cross-entropy training with random flips; returns (mean loss, train top-1)."""
-    model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        logits = model(normalize(random_flip(images), spec))
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.item() * labels.numel()
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += labels.numel()
-    return loss_sum / max(seen, 1), correct / max(seen, 1)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, spec: ImageSpec, device: torch.device) -> float:
-    """Top-1 accuracy on a loader of (unnormalized images, labels)."""
-    model.eval()
-    correct, seen = 0, 0
-    for images, labels in loader:
-        logits = model(normalize(images.to(device), spec))
-        correct += (logits.argmax(1).cpu() == labels).sum().item()
-        seen += labels.numel()
-    return correct / max(seen, 1)
 
 
 @dataclass(frozen=True)
@@ -108,11 +65,11 @@ def teacher_train_loop(job: TeacherJob) -> None:
     for epoch in range(cfg.epochs):
         if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
-        loss, train_top1 = train_epoch(model, train_loader, optimizer, scheduler, spec, device)
-        metrics = {"epoch": epoch + 1, "loss": loss, "train_top1": train_top1}
+        loss = train_epoch(model, train_loader, nn.CrossEntropyLoss(), optimizer, scheduler, spec, device, random_flip)
+        metrics = {"epoch": epoch + 1, "loss": loss}
         if epoch + 1 == cfg.epochs:
             metrics["test_top1"] = evaluate(model, test_loader, spec, device)
-        log.info("teacher epoch %d/%d loss %.4f train top-1 %.4f %s", epoch + 1, cfg.epochs, loss, train_top1,
+        log.info("teacher epoch %d/%d loss %.4f %s", epoch + 1, cfg.epochs, loss,
                  f"test top-1 {metrics['test_top1']:.4f}" if "test_top1" in metrics else "")
         if rank == 0 and epoch + 1 == cfg.epochs:
             bare = model.module if hasattr(model, "module") else model

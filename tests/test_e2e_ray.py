@@ -78,7 +78,7 @@ def test_resubmit_skips_verified_shards(ray_cluster, finished_run):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "recover: 0 of 2 class shards to do" in out
-    assert "verified weights already in the run" in out
+    assert "teacher: verified model already in the run; skipping" in out
     assert tree_snapshot(run_dir / "images") == before
     assert {k: v for k, v in tree_snapshot(run_dir / "teacher").items() if k.startswith("model")} == {
         k: v for k, v in teacher_before.items() if k.startswith("model")

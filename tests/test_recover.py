@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from lpld_ray.config import RecoverConfig
+from lpld_ray.data import ImageSpec
 from lpld_ray.models import build_model
 from lpld_ray.recover import (
     BNTarget,
-    ImageBounds,
     across_class_groups,
     bn_distance,
     class_wise_groups,
@@ -16,7 +16,7 @@ from lpld_ray.recover import (
 )
 from lpld_ray.squeeze import accumulate_bn_sums
 
-BOUNDS = ImageBounds(1, 28, (0.286,), (0.353,))
+BOUNDS = ImageSpec(1, 28, (0.286,), (0.353,))
 CFG = RecoverConfig(ipc=3, iterations=12, jitter=2, crop_scale=(0.5, 1.0))
 
 
