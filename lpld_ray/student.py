@@ -117,7 +117,8 @@ def student_train_loop(job: StudentJob) -> None:
         torch.set_num_threads(cfg.cpus_per_worker)
     pool = LabelPoolDataset(images, table, spec.size, sampling=cfg.view_sampling, seed=job.seed)
     loader = ray.train.torch.prepare_data_loader(DataLoader(pool, batch_size=cfg.batch_size, shuffle=True))
-    model = ray.train.torch.prepare_model(build_model(cfg.arch, test_set.num_classes, spec.channels, spec.size))
+    student = build_model(cfg.arch, test_set.num_classes, spec.channels, spec.size).to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(student)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(loader))
     bare = model.module if hasattr(model, "module") else model

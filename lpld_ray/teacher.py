@@ -56,7 +56,7 @@ def teacher_train_loop(job: TeacherJob) -> None:
         DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=0)
     )
     test_loader = DataLoader(test_set, batch_size=1000)
-    model = build_model(cfg.arch, train_set.num_classes, spec.channels, spec.size)
+    model = build_model(cfg.arch, train_set.num_classes, spec.channels, spec.size).to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, nesterov=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_loader))
