@@ -31,6 +31,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=10, help="classes in the work (and in one batched pass)")
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--per-pass", type=int, default=0, help="classes per forward pass when batched (0: all)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
@@ -66,7 +67,9 @@ def main() -> None:
     spec = ImageSpec(args.channels, args.size, (0.5,) * args.channels, (0.25,) * args.channels)
     cfg = RecoverConfig(ipc=args.ipc, iterations=args.iterations, crop_scale=(0.5, 1.0), jitter=2)
     groups = class_wise_groups(list(range(args.classes)), args.ipc, targets, run_seed=0)
-    batched = lambda: recover_groups(model, groups, cfg, spec, args.device)  # noqa: E731
+    per_pass = args.per_pass or len(groups)
+    chunks = [groups[i : i + per_pass] for i in range(0, len(groups), per_pass)]
+    batched = lambda: [recover_groups(model, chunk, cfg, spec, args.device) for chunk in chunks]  # noqa: E731
     one_by_one = lambda: [recover_groups(model, [g], cfg, spec, args.device) for g in groups]  # noqa: E731
     recover_groups(model, groups[:1], RecoverConfig(ipc=args.ipc, iterations=2), spec, args.device)  # warm-up
     rows = {"one_class_at_a_time": [], "batched": []}
@@ -79,6 +82,7 @@ def main() -> None:
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "arch": args.arch, "size": args.size, "classes": args.classes, "ipc": args.ipc, "iterations": args.iterations,
+        "classes_per_pass": per_pass,
         "seconds_best_of": args.repeats,
         "seconds": {k: round(v, 3) for k, v in best.items()},
         "image_iterations_per_s": {k: round(work / v, 1) for k, v in best.items()},
