@@ -32,6 +32,8 @@ from lpld_ray.teacher import TEACHER_SHARD, TEACHER_STAGE, TeacherJob, teacher_s
 
 log = logging.getLogger(__name__)
 
+SHEET_CLASSES = 100  # rows of the contact sheet
+
 
 class Progress:
     """Logs shards done/total, rate and ETA for one stage, at most every ``every_s`` seconds."""
@@ -249,8 +251,10 @@ def run_recover(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
             lambda actor, shard: actor.recover.remote(shard, cfg.recover, cfg.seed),
             cfg.runner,
         )
-    images, labels = zip(*(load_shard_images(store, s.name) for s in shards))
-    store.write_bytes("report/contact_sheet.png", contact_sheet(torch.cat(images), torch.cat(labels)))
+    sheet_shards = [s for s in shards if s.class_ids[0] < SHEET_CLASSES]  # read only what the sheet shows
+    images, labels = zip(*(load_shard_images(store, s.name) for s in sheet_shards))
+    sheet = contact_sheet(torch.cat(images), torch.cat(labels), max_classes=SHEET_CLASSES)
+    store.write_bytes("report/contact_sheet.png", sheet)
     log.info("recover: contact sheet at %s", store.uri("report/contact_sheet.png"))
     return {"shards_done": len(pending), "contact_sheet": store.uri("report/contact_sheet.png")}
 
