@@ -61,12 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages = parse_stages(args.stages)
         store, num_classes = preflight(cfg, args.run_dir)
         from lpld_ray.plan import check_stage_inputs
-        from lpld_ray.run_record import write_or_check_run_record
+        from lpld_ray.run_record import check_run_record, write_run_record
         from lpld_ray.stages import plan_class_shards
 
+        resuming = check_run_record(store, cfg)
         check_stage_inputs(cfg, store, stages, plan_class_shards(num_classes, cfg.runner.class_shard_size))
-
-        write_or_check_run_record(store, cfg)
+        if not resuming:
+            write_run_record(store, cfg)
     except LpldError as err:
         log.error("%s", err)
         return 2

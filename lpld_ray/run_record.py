@@ -35,16 +35,9 @@ def library_versions() -> dict[str, str]:
     return {name: str(version) for name, version in versions.items()}
 
 
-def write_or_check_run_record(store: Store, cfg: Config) -> bool:
-    """Write run.yaml for a new run; for an existing one refuse if a result-changing key differs.
-
-    Returns True when an existing run is being resumed.
-    """
-    new = config_to_dict(cfg)
+def check_run_record(store: Store, cfg: Config) -> bool:
+    """True when the run directory holds a run this config may resume; raises when it may not. Writes nothing."""
     if not store.exists(RUN_RECORD):
-        record = {"schema_version": RUN_SCHEMA_VERSION, "config": new, "versions": library_versions()}
-        store.write_text(RUN_RECORD, yaml.safe_dump(record, sort_keys=False))
-        log.info("new run at %s", store.root)
         return False
     try:
         old = yaml.safe_load(store.read_text(RUN_RECORD))
@@ -55,7 +48,7 @@ def write_or_check_run_record(store: Store, cfg: Config) -> bool:
         raise LpldError(
             f"'{store.uri(RUN_RECORD)}' has schema_version {version!r}; this lpld_ray reads up to {RUN_SCHEMA_VERSION}: upgrade lpld_ray or use a new --run-dir"
         )
-    diff = result_key_diff(old_config, new)
+    diff = result_key_diff(old_config, config_to_dict(cfg))
     if diff:
         raise LpldError(
             f"run directory '{store.root}' holds a run with a different config in {', '.join(diff)}: "
@@ -63,6 +56,13 @@ def write_or_check_run_record(store: Store, cfg: Config) -> bool:
         )
     log.info("resuming the run at %s", store.root)
     return True
+
+
+def write_run_record(store: Store, cfg: Config) -> None:
+    """run.yaml of a new run: the resolved config and the library versions, written before any stage."""
+    record = {"schema_version": RUN_SCHEMA_VERSION, "config": config_to_dict(cfg), "versions": library_versions()}
+    store.write_text(RUN_RECORD, yaml.safe_dump(record, sort_keys=False))
+    log.info("new run at %s", store.root)
 
 
 def read_run_config(store: Store) -> Config:

@@ -224,13 +224,14 @@ def run_squeeze(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
         for p in range(parts)
     ]
     progress = Progress("squeeze", parts, cfg.runner.progress_every_s)
-    total = None
     pending = list(refs)
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        part = ray.get(ready[0])
-        total = part if total is None else total + part
+        _ready, pending = ray.wait(pending, num_returns=1)
         progress.advance()
+    sums = ray.get(refs)
+    total = sums[0]
+    for part in sums[1:]:  # in partition order, so float64 sums are the same on every run
+        total = total + part
     written = write_stats(store, total, shards, cfg.seed)
     log.info("squeeze: committed %d stats shards (%d were missing)", written, len(missing))
     return {"shards_written": written}

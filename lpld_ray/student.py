@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -116,7 +117,8 @@ def student_train_loop(job: StudentJob) -> None:
     if device.type == "cpu":
         torch.set_num_threads(cfg.cpus_per_worker)
     pool = LabelPoolDataset(images, table, spec.size, sampling=cfg.view_sampling, seed=job.seed)
-    loader = ray.train.torch.prepare_data_loader(DataLoader(pool, batch_size=cfg.batch_size, shuffle=True))
+    order = torch.Generator()  # reseeded per epoch: a resumed run shuffles like an uninterrupted one
+    loader = ray.train.torch.prepare_data_loader(DataLoader(pool, batch_size=cfg.batch_size, shuffle=True, generator=order))
     student = build_model(cfg.arch, test_set.num_classes, spec.channels, spec.size).to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(student)
     optimizer = make_optimizer(model, cfg)
@@ -129,6 +131,7 @@ def student_train_loop(job: StudentJob) -> None:
     started = time.time()
     for epoch in range(start, cfg.epochs):
         pool.set_epoch(epoch)
+        order.manual_seed(job.seed * 1_000_003 + epoch)
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         loss = train_epoch(model, loader, loss_fn, optimizer, scheduler, spec, device)
@@ -141,6 +144,8 @@ def student_train_loop(job: StudentJob) -> None:
         if due_checkpoint or "test_top1" in metrics:  # every rank reports on the same epochs (a barrier)
             checkpoint = _checkpoint(bare, optimizer, scheduler, done) if rank == 0 and due_checkpoint else None
             ray.train.report(metrics, checkpoint=checkpoint)
+            if checkpoint is not None:
+                shutil.rmtree(checkpoint.path, ignore_errors=True)  # persisted by report; drop the local copy
     if rank == 0:
         writer = ShardWriter(store, STUDENT_STAGE, STUDENT_SHARD)
         writer.put(STUDENT_OBJECT, save_weights_bytes(bare))
