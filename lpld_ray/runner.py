@@ -103,17 +103,17 @@ class ShardWorker:
         self.teacher = build_teacher(arch, state, probe.num_classes, self.spec.channels, self.spec.size)
         self.device = next(self.teacher.parameters()).device
         self.images: dict[int, torch.Tensor] | None = None
+        self.real_train = None
 
     def pid(self) -> int:
         return os.getpid()
 
     def recover(self, shard: ClassShard, cfg: RecoverConfig, seed: int) -> dict:
-        real = None
-        if cfg.source == "real":
+        if cfg.source == "real" and self.real_train is None:  # read once per actor, not per shard
             from lpld_ray.data import load_dataset
 
-            real = load_dataset(self.data, "train")
-        return recover_shard(self.store, self.teacher, self.spec, cfg, shard, seed, self.device, real)
+            self.real_train = load_dataset(self.data, "train")
+        return recover_shard(self.store, self.teacher, self.spec, cfg, shard, seed, self.device, self.real_train)
 
     def relabel(self, shard: ClassShard, cfg: RelabelConfig, ipc: int, num_classes: int, seed: int) -> dict:
         from lpld_ray.data import normalize
