@@ -117,7 +117,8 @@ def test_training_resumes_from_checkpoint(ray_cluster, finished_run, tmp_path):
     assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
     checkpoints = run_dir / "train" / "ray_train"
     deadline = time.time() + 600
-    while time.time() < deadline and not any(p.name.startswith("checkpoint_") for p in checkpoints.glob("*")):
+    # wait for a second checkpoint folder: by then the first is registered with Ray Train (a folder alone may not be)
+    while time.time() < deadline and sum(p.name.startswith("checkpoint_") for p in checkpoints.glob("*")) < 2:
         status = ray_cluster.job("status", job_id).stdout
         assert "FAILED" not in status and "SUCCEEDED" not in status, status
         time.sleep(0.5)
