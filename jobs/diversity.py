@@ -17,7 +17,8 @@ from lpld_ray.metrics import within_class_cosine  # noqa: E402
 from lpld_ray.models import build_model, load_weights_bytes  # noqa: E402
 from lpld_ray.run_record import read_run_config  # noqa: E402
 from lpld_ray.stages import IMAGES_STAGE, load_shard_images  # noqa: E402
-from lpld_ray.storage import Store, list_shards  # noqa: E402
+from lpld_ray.manifest import list_shards  # noqa: E402
+from lpld_ray.storage import Store  # noqa: E402
 from lpld_ray.teacher import teacher_state_bytes  # noqa: E402
 
 log = logging.getLogger("diversity")

@@ -11,7 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lpld_ray.cli import main as distill  # noqa: E402
-from lpld_ray.storage import Store, copy_stage  # noqa: E402
+from lpld_ray.manifest import copy_stage  # noqa: E402
+from lpld_ray.storage import Store  # noqa: E402
 
 log = logging.getLogger("grid")
 

@@ -1,4 +1,4 @@
-"""Command line of jobs/distill.py: parse, validate everything before writing, then run the stages."""
+"""Command line of jobs/distill.py: parse, validate everything before writing, hold the run's lease, run the stages."""
 
 from __future__ import annotations
 
@@ -6,17 +6,20 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
-from typing import Sequence
+import threading
+from typing import TYPE_CHECKING, Sequence
 
 from lpld_ray.config import Config, load_config
 from lpld_ray.errors import LpldError
+from lpld_ray.plan import STAGE_FOLDERS
 from lpld_ray.plan import STAGE_ORDER as STAGES
 
+if TYPE_CHECKING:
+    from lpld_ray.storage import Store
+
 log = logging.getLogger("lpld_ray")
-
-
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="LPLD dataset distillation on Ray.")
@@ -25,6 +28,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. recover.iterations=4000 (repeatable)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--force-new", action="store_true",
+                        help="delete this run directory's run.yaml and stage outputs and start over")
+    parser.add_argument("--plan", action="store_true", help="print work units, storage and memory estimates; run nothing")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 
@@ -39,23 +45,59 @@ def parse_stages(text: str) -> list[str]:
     return stages
 
 
-def preflight(cfg: Config, run_dir: str) -> tuple["Store", int]:  # noqa: F821
+def preflight(cfg: Config, run_dir: str) -> tuple["Store", int]:
     """Every check that can fail on user input, done before anything is written."""
     from lpld_ray.data import check_dataset, load_dataset
     from lpld_ray.models import build_model, load_weights
-    from lpld_ray.storage import Store
+    from lpld_ray.storage import Store, read_uri_bytes, storage_options
 
-    store = Store(run_dir if "://" in run_dir else os.path.abspath(run_dir))
+    root = run_dir if "://" in run_dir else os.path.abspath(run_dir)
+    store = Store(root, storage_options(cfg.storage, root))
+    store.check_reachable()
     check_dataset(cfg.data)
     probe = load_dataset(cfg.data, "test")
     if cfg.teacher.weights:
-        load_weights(build_model(cfg.teacher.arch, probe.num_classes, probe.spec.channels, probe.spec.size), cfg.teacher.weights)
+        options = storage_options(cfg.storage, cfg.teacher.weights)
+        load_weights(build_model(cfg.teacher.arch, probe.num_classes, probe.spec.channels, probe.spec.size),
+                     cfg.teacher.weights, lambda uri: read_uri_bytes(uri, options))
     return store, probe.num_classes
+
+
+def start_over(store: "Store") -> None:
+    """--force-new: remove the run record and every stage's folder, nothing else under the run root (the lease stays)."""
+    removed = sum(store.delete_tree(name) for name in STAGE_FOLDERS) + store.exists("run.yaml")
+    store.delete("run.yaml")
+    log.warning("--force-new: deleted %d objects of the earlier run at %s", removed, store.root)
+
+
+def interrupt_on(signum: int) -> None:
+    """Turn ``signum`` (e.g. the SIGTERM of `ray job stop`) into SystemExit so the lease is released on the way out."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signum, lambda *_: sys.exit(128 + signum))
+
+
+def show_plan(cfg: Config) -> None:
+    """--plan: estimates only; reads no data beyond folder listings and writes nothing."""
+    from lpld_ray.estimate import dataset_shape, plan_lines
+    from lpld_ray.runner import planned_actors
+
+    for line in plan_lines(cfg, dataset_shape(cfg.data), planned_actors(cfg.runner)):
+        log.info("plan: %s", line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.plan:
+        try:
+            show_plan(load_config(args.config, args.overrides))
+        except LpldError as err:
+            log.error("%s", err)
+            return 2
+        return 0
+    from lpld_ray.lease import RunLease
+
+    lease = None
     try:
         cfg = load_config(args.config, args.overrides)
         stages = parse_stages(args.stages)
@@ -64,19 +106,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lpld_ray.run_record import check_run_record, write_run_record
         from lpld_ray.stages import plan_class_shards
 
-        resuming = check_run_record(store, cfg)
-        check_stage_inputs(cfg, store, stages, plan_class_shards(num_classes, cfg.runner.class_shard_size))
+        resuming = False if args.force_new else check_run_record(store, cfg)
+        check_stage_inputs(cfg, store, stages, plan_class_shards(num_classes, cfg.runner.class_shard_size), args.force_new)
+        lease = RunLease(store, cfg.storage)
+        lease.acquire()
+        interrupt_on(signal.SIGTERM)
+        lease.keep_fresh(lambda job: (log.error("another job (%s) took over this run's lease: stopping", job),
+                                      signal.raise_signal(signal.SIGTERM)))
+        if args.force_new:
+            start_over(store)
         if not resuming:
             write_run_record(store, cfg)
-    except LpldError as err:
-        log.error("%s", err)
-        return 2
-    from lpld_ray.runner import run_pipeline
+        from lpld_ray.runner import run_pipeline
 
-    try:
         summary = run_pipeline(cfg, store, stages, num_classes)
     except LpldError as err:
         log.error("%s", err)
         return 2
+    finally:
+        if lease is not None:
+            lease.release()
     log.info("summary: %s", json.dumps(summary, sort_keys=True))
     return 0

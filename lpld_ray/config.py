@@ -19,12 +19,19 @@ MIX_MODES = ("none", "cutmix", "cutout")
 OPTIMIZERS = ("adamw", "sgd")
 VIEW_SAMPLING = ("cycle", "uniform")
 IMAGE_SOURCES = ("synthetic", "real")
+PRECISIONS = ("fp32", "bf16")
+
+
+# Keys whose values are credentials: never echoed in errors, run.yaml, logs or reports.
+SECRET_KEYS = frozenset({"storage.access_key_id", "storage.secret_access_key", "storage.session_token"})
+REDACTED = "<redacted>"
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise a one-line ConfigError naming the key, the bad value and what is allowed."""
     if not ok:
-        raise ConfigError(f"bad value for '{key}': {value!r} (allowed: {allowed})")
+        shown = REDACTED if key in SECRET_KEYS else repr(value)
+        raise ConfigError(f"bad value for '{key}': {shown} (allowed: {allowed})")
 
 
 def require_choice(key: str, value: str, choices: Sequence[str]) -> None:
@@ -105,9 +112,11 @@ class RecoverConfig:
     batching: str = "class_wise"
     classes_per_pass: int = 1
     source: str = "synthetic"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         require_choice("recover.source", self.source, IMAGE_SOURCES)
+        require_choice("recover.precision", self.precision, PRECISIONS)
         require(self.ipc >= 1, "recover.ipc", self.ipc, "an integer >= 1")
         require(self.iterations >= 1, "recover.iterations", self.iterations, "an integer >= 1")
         require(self.lr > 0, "recover.lr", self.lr, "a number > 0")
@@ -162,6 +171,7 @@ class TrainConfig:
     checkpoint_every: int = 25
     num_workers: int = 1
     cpus_per_worker: int = 2
+    max_failures: int = 3
 
     def __post_init__(self) -> None:
         require_choice("train.arch", self.arch, ARCHS)
@@ -179,6 +189,7 @@ class TrainConfig:
         require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "an integer >= 1")
         require(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")
         require(self.cpus_per_worker >= 1, "train.cpus_per_worker", self.cpus_per_worker, "an integer >= 1")
+        require(self.max_failures >= 0, "train.max_failures", self.max_failures, "an integer >= 0 (worker failures Ray Train recovers from)")
 
 
 @dataclass(frozen=True)
@@ -200,6 +211,34 @@ class RunnerConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Object-store options for s3:// run directories (else the usual AWS_* environment variables)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    retries: int = 5
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    lease_timeout_s: float = 120.0
+    lease_refresh_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        require(self.endpoint_url is None or "://" in self.endpoint_url, "storage.endpoint_url", self.endpoint_url,
+                "null or a URL such as http://127.0.0.1:9000")
+        require((self.access_key_id is None) == (self.secret_access_key is None), "storage.secret_access_key",
+                self.secret_access_key, "set together with storage.access_key_id, or both null")
+        require(1 <= self.retries <= 20, "storage.retries", self.retries, "an integer in [1, 20]")
+        require(self.connect_timeout_s > 0, "storage.connect_timeout_s", self.connect_timeout_s, "a number > 0")
+        require(self.read_timeout_s > 0, "storage.read_timeout_s", self.read_timeout_s, "a number > 0")
+        require(self.lease_timeout_s > 0, "storage.lease_timeout_s", self.lease_timeout_s, "a number > 0")
+        require(0 < self.lease_refresh_s <= self.lease_timeout_s / 2, "storage.lease_refresh_s", self.lease_refresh_s,
+                "a number > 0 and at most half of storage.lease_timeout_s")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run: one section per stage."""
 
@@ -211,6 +250,7 @@ class Config:
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
@@ -231,8 +271,11 @@ RESUME_NEUTRAL_KEYS = frozenset(
         "train.eval_every",
         "train.checkpoint_every",
         "train.cpus_per_worker",
+        "train.max_failures",
     }
 )
+# Where and how the run is stored does not change its results.
+RESUME_NEUTRAL_SECTIONS = ("storage.",)
 
 
 def _type_name(tp: Any) -> str:
@@ -363,4 +406,16 @@ def result_key_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ and that change results (resume-neutral keys ignored)."""
     a, b = flatten(old), flatten(new)
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if k not in RESUME_NEUTRAL_KEYS and a.get(k) != b.get(k)]
+    return [k for k in keys if k not in RESUME_NEUTRAL_KEYS and not k.startswith(RESUME_NEUTRAL_SECTIONS)
+            and a.get(k) != b.get(k)]
+
+
+def redacted(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict with every credential that is set replaced by '<redacted>'."""
+    out = {k: (redacted(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    storage = out.get("storage", {})
+    for key in SECRET_KEYS:
+        name = key.split(".", 1)[1]
+        if storage.get(name) is not None:
+            storage[name] = REDACTED
+    return out

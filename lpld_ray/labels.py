@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 from lpld_ray.augment import CropBox, randint, resized_crop, sample_crop, uniform
 from lpld_ray.config import VIEW_SAMPLING, RelabelConfig
 from lpld_ray.errors import StorageError
-from lpld_ray.storage import ShardWriter, Store, read_object, verify_shard
+from lpld_ray.manifest import ShardWriter, read_object, verify_shard
+from lpld_ray.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,17 @@ def sample_view(seed: int, image_id: int, view_id: int, num_images: int, size: i
         return ViewParams(image_id, view_id, crop, flip, mix, partner, partner_crop, partner_flip, box, lam)
     box = _centered_box(gen, size, max(1, round(cfg.cutout_fraction * size))) if mix == 2 else None
     return ViewParams(image_id, view_id, crop, flip, mix, -1, None, False, box, 1.0)
+
+
+def images_needed(seed: int, image_ids: list[int], counts: Tensor, cfg: RelabelConfig, size: int) -> set[int]:
+    """The shard's own images and the CutMix partners of their kept views: all a relabel shard reads, so an actor's
+    memory is bounded by the shard (at most images x (1 + views per image)), not by the dataset."""
+    needed = set(image_ids)
+    if MIX_CODES[cfg.mix] == 1:
+        for image_id in image_ids:
+            for view_id in range(int(counts[image_id])):
+                needed.add(sample_view(seed, image_id, view_id, len(counts), size, cfg).partner_id)
+    return needed
 
 
 def _crop_flip(image: Tensor, box: CropBox, flip: bool, size: int) -> Tensor:
@@ -271,6 +283,7 @@ def relabel_shard(
     seed: int,
     device: torch.device | str = "cpu",
     shard: str = "shard-00000",
+    inputs: str = "",
 ) -> dict:
     """Teacher fp16 outputs for every kept view of the shard's images, committed as ``labels/<shard>/labels.parquet``.
 
@@ -287,7 +300,7 @@ def relabel_shard(
     try:
         for image_id in shard_image_ids:
             for view_id in range(int(counts[image_id])):
-                view = sample_view(seed, image_id, view_id, len(images), size, cfg)
+                view = sample_view(seed, image_id, view_id, len(counts), size, cfg)
                 partner = images[view.partner_id] if view.mix == 1 else None
                 batch.append(compose_view(images[image_id], partner, view, size))
                 views.append(view)
@@ -305,7 +318,7 @@ def relabel_shard(
     writer.put(LABELS_OBJECT, data)
     sizes = label_bytes(table)
     meta = {"records": table.num_rows, "schema_version": LABEL_SCHEMA_VERSION, "logit_bytes": sizes["logits"],
-            "aug_bytes": sizes["aug"], "parquet_bytes": len(data)}
+            "aug_bytes": sizes["aug"], "parquet_bytes": len(data), "inputs": inputs}
     writer.commit(seed, meta)
     log.info("relabelled %s: %d views of %d images in %.1fs (%d parquet bytes)", shard, table.num_rows,
              len(shard_image_ids), time.time() - started, len(data))

@@ -68,7 +68,8 @@ def across_class_groups(class_ids: list[int], ipc: int, global_target: BNTarget,
 
 
 def bn_distance(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """||mu(x) - mean||_2 + ||var(x) - var||_2 over the batch and spatial dims of one BN input."""
+    """||mu(x) - mean||_2 + ||var(x) - var||_2 over the batch and spatial dims of one BN input (in fp32)."""
+    x = x.float()
     mu = x.mean(dim=(0, 2, 3))
     sigma2 = x.var(dim=(0, 2, 3), unbiased=False)
     return torch.norm(mu - mean, 2) + torch.norm(sigma2 - var, 2)
@@ -136,7 +137,9 @@ def recover_groups(
             views = torch.cat([aug.apply(part) for aug, part in zip(augs, torch.split(x, sizes))])
             views = views.contiguous(memory_format=torch.channels_last)
             bn_inputs.clear()
-            loss = group_losses(teacher(views), bn_inputs, groups, cfg)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                logits = teacher(views)
+            loss = group_losses(logits.float(), bn_inputs, groups, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -7,7 +7,8 @@ import logging
 
 from lpld_ray.config import Config
 from lpld_ray.stages import IMAGES_STAGE
-from lpld_ray.storage import Store, list_shards, read_manifest
+from lpld_ray.manifest import list_shards, read_manifest
+from lpld_ray.storage import Store
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import platform
 import yaml
 
 from lpld_ray import __version__
-from lpld_ray.config import Config, config_from_dict, config_to_dict, result_key_diff
+from lpld_ray.config import Config, config_from_dict, config_to_dict, redacted, result_key_diff
 from lpld_ray.errors import LpldError
 from lpld_ray.storage import Store
 
@@ -60,7 +60,7 @@ def check_run_record(store: Store, cfg: Config) -> bool:
 
 def write_run_record(store: Store, cfg: Config) -> None:
     """run.yaml of a new run: the resolved config and the library versions, written before any stage."""
-    record = {"schema_version": RUN_SCHEMA_VERSION, "config": config_to_dict(cfg), "versions": library_versions()}
+    record = {"schema_version": RUN_SCHEMA_VERSION, "config": redacted(config_to_dict(cfg)), "versions": library_versions()}
     store.write_text(RUN_RECORD, yaml.safe_dump(record, sort_keys=False))
     log.info("new run at %s", store.root)
 

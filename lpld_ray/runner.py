@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
@@ -13,21 +14,23 @@ import torch
 
 from lpld_ray.config import Config, DataConfig, RecoverConfig, RelabelConfig, RunnerConfig
 from lpld_ray.models import build_model, load_weights_bytes
-from lpld_ray.plan import STAGE_ORDER
+from lpld_ray.plan import STAGE_ORDER, require_verified
 from lpld_ray.stages import (
     GLOBAL_SHARD,
     IMAGES_STAGE,
     STATS_STAGE,
     ClassShard,
     contact_sheet,
-    load_all_images,
+    load_images,
     load_shard_images,
     plan_class_shards,
     recover_shard,
     squeeze_partition,
     write_stats,
 )
-from lpld_ray.storage import Store, read_manifest, verify_shard
+from lpld_ray.errors import LpldError
+from lpld_ray.manifest import current_shard, inputs_digest, read_manifest
+from lpld_ray.storage import Store
 from lpld_ray.teacher import TEACHER_SHARD, TEACHER_STAGE, TeacherJob, teacher_state_bytes, teacher_train_loop
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,18 @@ def actor_count(runner: RunnerConfig, pending: int) -> int:
     return max(1, min(wanted, pending))
 
 
+def planned_actors(runner: RunnerConfig) -> str:
+    """How many shard actors this cluster allows (joins it when RAY_ADDRESS is set; never starts a local Ray)."""
+    if os.environ.get("RAY_ADDRESS"):
+        init_ray()
+        where, gpus, cpus = "cluster", ray.cluster_resources().get("GPU", 0), ray.cluster_resources().get("CPU", 1)
+    else:
+        where, gpus, cpus = "this machine", torch.cuda.device_count(), os.cpu_count() or 1
+    count = runner.num_workers or (int(gpus) if gpus else max(1, int(cpus) // runner.cpus_per_worker))
+    unit = f"{int(gpus)} GPUs, one actor each" if gpus else f"{int(cpus)} CPUs, {runner.cpus_per_worker} per actor"
+    return f"{count} on {where} ({unit})"
+
+
 def build_teacher(arch: str, state: bytes, num_classes: int, channels: int, size: int) -> torch.nn.Module:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(arch, num_classes, channels, size)
@@ -102,29 +117,29 @@ class ShardWorker:
         self.store = Store(store_root, storage_options)
         self.teacher = build_teacher(arch, state, probe.num_classes, self.spec.channels, self.spec.size)
         self.device = next(self.teacher.parameters()).device
-        self.images: dict[int, torch.Tensor] | None = None
         self.real_train = None
 
     def pid(self) -> int:
         return os.getpid()
 
-    def recover(self, shard: ClassShard, cfg: RecoverConfig, seed: int) -> dict:
+    def recover(self, shard: ClassShard, cfg: RecoverConfig, seed: int, inputs: str) -> dict:
         if cfg.source == "real" and self.real_train is None:  # read once per actor, not per shard
             from lpld_ray.data import load_dataset
 
             self.real_train = load_dataset(self.data, "train")
-        return recover_shard(self.store, self.teacher, self.spec, cfg, shard, seed, self.device, self.real_train)
+        return recover_shard(self.store, self.teacher, self.spec, cfg, shard, seed, self.device, self.real_train, inputs)
 
-    def relabel(self, shard: ClassShard, cfg: RelabelConfig, ipc: int, num_classes: int, seed: int) -> dict:
+    def relabel(self, shard: ClassShard, shards: list[ClassShard], cfg: RelabelConfig, ipc: int, num_classes: int,
+                seed: int, inputs: str) -> dict:
+        """One labels shard, reading only its own images and its views' CutMix partners."""
         from lpld_ray.data import normalize
-        from lpld_ray.labels import image_id_of, relabel_shard, view_counts
+        from lpld_ray.labels import image_id_of, images_needed, relabel_shard, view_counts
 
-        if self.images is None:
-            self.images = load_all_images(self.store, ipc)
-        counts = view_counts(len(self.images), cfg.epochs, cfg.compression, seed)
+        counts = view_counts(num_classes * ipc, cfg.epochs, cfg.compression, seed)
         ids = [image_id_of(c, i, ipc) for c in shard.class_ids for i in range(ipc)]
-        return relabel_shard(self.store, self.teacher, lambda x: normalize(x, self.spec), self.images, ids, counts,
-                             num_classes, cfg, seed, self.device, shard.name)
+        images = load_images(self.store, ipc, images_needed(seed, ids, counts, cfg, self.spec.size), shards)
+        return relabel_shard(self.store, self.teacher, lambda x: normalize(x, self.spec), images, ids, counts,
+                             num_classes, cfg, seed, self.device, shard.name, inputs)
 
 
 @ray.remote
@@ -158,6 +173,10 @@ def run_shard_queue(
         try:
             results.append(ray.get(ready[0]))
             progress.advance()
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, LpldError):  # e.g. the store became unreachable: one line, not a traceback
+                raise err.cause from None
+            raise
         except ray.exceptions.RayActorError as err:
             attempts[shard.index] += 1
             if attempts[shard.index] > runner.max_shard_retries:
@@ -169,32 +188,57 @@ def run_shard_queue(
     return results
 
 
-def fit_with_ray_train(store: Store, stage: str, loop: Callable[[Any], None], job: Any, num_workers: int, cpus: int) -> None:
-    """One TorchTrainer run whose checkpoints live under ``<run>/<stage>/ray_train`` (same name = resume)."""
-    from ray.train import RunConfig, ScalingConfig
+@dataclass(frozen=True)
+class TrainerSpec:
+    """One Ray Train run of a stage: workers, CPUs each, failures to recover from, and what it is trained on."""
+
+    num_workers: int
+    cpus_per_worker: int
+    max_failures: int = 0
+    inputs: str = ""
+
+    @property
+    def run_name(self) -> str:
+        """Same name = resume from its checkpoints; other inputs get another name, hence a fresh start."""
+        return f"ray_train-{self.inputs[:16]}" if self.inputs else "ray_train"
+
+
+def fit_with_ray_train(store: Store, stage: str, loop: Callable[[Any], None], job: Any, spec: TrainerSpec) -> None:
+    """One TorchTrainer run whose checkpoints live under ``<run>/<stage>/<run_name>``; a failed worker group is
+    restarted from the last checkpoint up to ``max_failures`` times."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     filesystem, path = store.pyarrow_fs()
     trainer = TorchTrainer(
         lambda config: loop(config["job"]),
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cluster_has_gpus(), resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name="ray_train", storage_path=f"{path}/{stage}", storage_filesystem=filesystem),
+        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=cluster_has_gpus(),
+                                     resources_per_worker={"CPU": spec.cpus_per_worker}),
+        run_config=RunConfig(name=spec.run_name, storage_path=f"{path}/{stage}", storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=spec.max_failures)),
     )
     trainer.fit()
 
 
-def train_once(store: Store, stage: str, shard: str, loop: Callable[[Any], None], job: Any, workers: int, cpus: int):
-    """The stage's verified model manifest, training it with Ray Train first when there is none."""
-    manifest = verify_shard(store, stage, shard)
+def train_once(store: Store, stage: str, shard: str, loop: Callable[[Any], None], job: Any, spec: TrainerSpec):
+    """The stage's verified model manifest, training it with Ray Train first when there is none for these inputs."""
+    manifest = current_shard(store, stage, shard, spec.inputs)
     if manifest is not None:
         log.info("%s: verified model already in the run; skipping", stage)
         return manifest
-    fit_with_ray_train(store, stage, loop, job, workers, cpus)
-    manifest = verify_shard(store, stage, shard)
+    fit_with_ray_train(store, stage, loop, job, spec)
+    manifest = current_shard(store, stage, shard, spec.inputs)
     if manifest is None:
         raise RuntimeError(f"{stage}: training finished but committed no verified model")
     return manifest
+
+
+def recover_inputs(cfg: RecoverConfig, store: Store, shard: ClassShard) -> str:
+    """Digest of the stats a class shard's images are made from ('' for random real images)."""
+    if cfg.source == "real":
+        return ""
+    return inputs_digest(store, (STATS_STAGE,), [shard.name if cfg.batching == "class_wise" else GLOBAL_SHARD])
 
 
 def run_teacher(cfg: Config, store: Store) -> dict:
@@ -203,8 +247,8 @@ def run_teacher(cfg: Config, store: Store) -> dict:
         log.info("teacher: using given weights %s", cfg.teacher.weights)
         return {"skipped": True}
     job = TeacherJob(cfg.data, cfg.teacher, store.root, store.storage_options, cfg.seed)
-    manifest = train_once(store, TEACHER_STAGE, TEACHER_SHARD, teacher_train_loop, job, cfg.teacher.num_workers,
-                          cfg.teacher.cpus_per_worker)
+    spec = TrainerSpec(cfg.teacher.num_workers, cfg.teacher.cpus_per_worker)
+    manifest = train_once(store, TEACHER_STAGE, TEACHER_SHARD, teacher_train_loop, job, spec)
     log.info("teacher: test top-1 %.4f", manifest.meta["test_top1"])
     return {"test_top1": manifest.meta["test_top1"]}
 
@@ -212,7 +256,7 @@ def run_teacher(cfg: Config, store: Store) -> dict:
 def run_squeeze(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef) -> dict:
     """Per-class BN sums over data partitions (Ray tasks), reduced and committed per class shard."""
     names = [s.name for s in shards] + [GLOBAL_SHARD]
-    missing = [n for n in names if verify_shard(store, STATS_STAGE, n) is None]
+    missing = [n for n in names if current_shard(store, STATS_STAGE, n, "") is None]
     if not missing:
         log.info("squeeze: all %d stats shards verified; skipping", len(names))
         return {"shards_written": 0}
@@ -239,7 +283,8 @@ def run_squeeze(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
 
 def run_recover(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef) -> dict:
     """Recover every class shard without a verified manifest on a pool of actors; then the contact sheet."""
-    pending = [s for s in shards if verify_shard(store, IMAGES_STAGE, s.name) is None]
+    inputs = {s.name: recover_inputs(cfg.recover, store, s) for s in shards}
+    pending = [s for s in shards if current_shard(store, IMAGES_STAGE, s.name, inputs[s.name]) is None]
     log.info("recover: %d of %d class shards to do", len(pending), len(shards))
     if pending:
         threads = cfg.runner.cpus_per_worker
@@ -249,7 +294,7 @@ def run_recover(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
             lambda: ShardWorker.options(**actor_options(cfg.runner)).remote(
                 store.root, store.storage_options, cfg.data, cfg.teacher.arch, state_ref, threads
             ),
-            lambda actor, shard: actor.recover.remote(shard, cfg.recover, cfg.seed),
+            lambda actor, shard: actor.recover.remote(shard, cfg.recover, cfg.seed, inputs[shard.name]),
             cfg.runner,
         )
     sheet_shards = [s for s in shards if s.class_ids[0] < SHEET_CLASSES]  # read only what the sheet shows
@@ -264,7 +309,8 @@ def run_relabel(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
     """One label shard per class shard; every images shard must exist (CutMix partners come from any class)."""
     from lpld_ray.labels import LABELS_STAGE
 
-    pending = [s for s in shards if verify_shard(store, LABELS_STAGE, s.name) is None]
+    inputs = inputs_digest(store, (IMAGES_STAGE,), [s.name for s in shards])  # CutMix partners come from any shard
+    pending = [s for s in shards if current_shard(store, LABELS_STAGE, s.name, inputs) is None]
     log.info("relabel: %d of %d class shards to do", len(pending), len(shards))
     if pending:
         run_shard_queue(
@@ -273,7 +319,7 @@ def run_relabel(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
             lambda: ShardWorker.options(**actor_options(cfg.runner)).remote(
                 store.root, store.storage_options, cfg.data, cfg.teacher.arch, state_ref, cfg.runner.cpus_per_worker
             ),
-            lambda actor, shard: actor.relabel.remote(shard, cfg.relabel, cfg.recover.ipc, num_classes, cfg.seed),
+            lambda actor, shard: actor.relabel.remote(shard, shards, cfg.relabel, cfg.recover.ipc, num_classes, cfg.seed, inputs),
             cfg.runner,
         )
     return {"shards_done": len(pending)}
@@ -283,9 +329,15 @@ def run_train(cfg: Config, store: Store, shards: list[ClassShard]) -> dict:
     """Student training with Ray Train; re-running resumes from the last checkpoint under <run>/train/."""
     from lpld_ray.student import STUDENT_SHARD, STUDENT_STAGE, StudentJob, student_train_loop
 
-    job = StudentJob(cfg.data, cfg.train, store.root, store.storage_options, cfg.seed, cfg.recover.ipc)
-    manifest = train_once(store, STUDENT_STAGE, STUDENT_SHARD, student_train_loop, job, cfg.train.num_workers,
-                          cfg.train.cpus_per_worker)
+    from lpld_ray.labels import LABELS_STAGE
+
+    names = [s.name for s in shards]
+    require_verified(store, LABELS_STAGE, names, "train", "relabel")  # never train on a truncated or altered object
+    require_verified(store, IMAGES_STAGE, names, "train", "recover")
+    inputs = inputs_digest(store, (LABELS_STAGE, IMAGES_STAGE), names)  # what the student learns from
+    job = StudentJob(cfg.data, cfg.train, store.root, store.storage_options, cfg.seed, cfg.recover.ipc, inputs)
+    spec = TrainerSpec(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.max_failures, inputs)
+    manifest = train_once(store, STUDENT_STAGE, STUDENT_SHARD, student_train_loop, job, spec)
     log.info("train: student test top-1 %.4f (resumed from epoch %d)", manifest.meta["student_top1"], manifest.meta["resumed_from"])
     return {"student_top1": manifest.meta["student_top1"], "resumed_from": manifest.meta["resumed_from"]}
 
@@ -304,8 +356,6 @@ def run_report(cfg: Config, store: Store, summary: dict[str, dict]) -> dict:
     log.info("report: %s", uri)
     log.info("summary: %s", human_summary(report))
     return {"report": uri}
-
-
 
 
 def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int) -> dict[str, dict]:

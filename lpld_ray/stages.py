@@ -17,7 +17,8 @@ from lpld_ray.config import DataConfig, RecoverConfig
 from lpld_ray.data import ClassDataset, ImageSpec, load_dataset, normalize
 from lpld_ray.recover import BNTarget, across_class_groups, class_wise_groups, recover_groups
 from lpld_ray.squeeze import BNSums, accumulate_bn_sums
-from lpld_ray.storage import ShardWriter, Store, list_shards, read_object, shard_name, verify_shard
+from lpld_ray.manifest import ShardWriter, list_shards, read_manifest, read_object, verify_shard
+from lpld_ray.storage import Store, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,10 @@ def recover_shard(
     seed: int,
     device: torch.device | str = "cpu",
     real_train: ClassDataset | None = None,
+    inputs: str = "",
 ) -> dict:
-    """Synthesize (or, for the baseline, pick real) IPC images per class of the shard; commit them as PNGs."""
+    """Synthesize (or, for the baseline, pick real) IPC images per class of the shard; commit them as PNGs
+    with ``inputs`` (the digest of the stats they were made from) in the manifest."""
     started = time.time()
     classes = list(shard.class_ids)
     if cfg.source == "real":
@@ -129,7 +132,8 @@ def recover_shard(
         for i, image in enumerate(per_class[c]):
             writer.put(image_object_name(c, i), encode_png(image))
     seconds = time.time() - started
-    meta = {"classes": classes, "ipc": cfg.ipc, "batching": cfg.batching, "source": cfg.source, "seconds": seconds}
+    meta = {"classes": classes, "ipc": cfg.ipc, "batching": cfg.batching, "source": cfg.source, "seconds": seconds,
+            "inputs": inputs}
     writer.commit(seed, meta)
     return {"shard": shard.name, "seconds": seconds, "images": len(classes) * cfg.ipc}
 
@@ -187,6 +191,23 @@ def load_all_images(store: Store, ipc: int) -> dict[int, torch.Tensor]:
             raise FileNotFoundError(f"images shard '{name}' does not verify: run the recover stage")
         for entry in manifest.objects:
             images[image_id_from_name(entry.name, ipc)] = decode_png(read_object(store, IMAGES_STAGE, name, entry.name, manifest))
+    return images
+
+
+def load_images(store: Store, ipc: int, ids: set[int], shards: list[ClassShard]) -> dict[int, torch.Tensor]:
+    """Only the images ``ids`` (run-wide ids), each object checked against its shard's manifest on read."""
+    wanted: dict[str, list[int]] = {}
+    by_class = {c: s.name for s in shards for c in s.class_ids}
+    for image_id in sorted(ids):
+        wanted.setdefault(by_class[image_id // ipc], []).append(image_id)
+    images: dict[int, torch.Tensor] = {}
+    for name, shard_ids in wanted.items():
+        manifest = read_manifest(store, IMAGES_STAGE, name)
+        if manifest is None:
+            raise FileNotFoundError(f"images shard '{name}' has no manifest: run the recover stage")
+        for image_id in shard_ids:
+            obj = image_object_name(image_id // ipc, image_id % ipc)
+            images[image_id] = decode_png(read_object(store, IMAGES_STAGE, name, obj, manifest))
     return images
 
 

@@ -73,6 +73,7 @@ class StudentJob:
     storage_options: dict | None
     seed: int
     ipc: int
+    inputs: str = ""
 
 
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, checkpoint) -> int:
@@ -105,7 +106,8 @@ def student_train_loop(job: StudentJob) -> None:
     from lpld_ray.labels import LabelPoolDataset
     from lpld_ray.models import build_model, save_weights_bytes
     from lpld_ray.stages import load_pool
-    from lpld_ray.storage import ShardWriter, Store
+    from lpld_ray.manifest import ShardWriter
+    from lpld_ray.storage import Store
 
     cfg = job.train
     torch.manual_seed(job.seed)
@@ -149,6 +151,6 @@ def student_train_loop(job: StudentJob) -> None:
     if rank == 0:
         writer = ShardWriter(store, STUDENT_STAGE, STUDENT_SHARD)
         writer.put(STUDENT_OBJECT, save_weights_bytes(bare))
-        writer.commit(job.seed, {"arch": cfg.arch, "epochs": cfg.epochs, "resumed_from": start,
+        writer.commit(job.seed, {"arch": cfg.arch, "epochs": cfg.epochs, "resumed_from": start, "inputs": job.inputs,
                                  "student_top1": evaluate(bare, test_loader, spec, device),
                                  "seconds": time.time() - started})

@@ -43,7 +43,8 @@ def teacher_train_loop(job: TeacherJob) -> None:
     import ray.train.torch
 
     from lpld_ray.models import build_model, save_weights_bytes
-    from lpld_ray.storage import ShardWriter, Store
+    from lpld_ray.manifest import ShardWriter
+    from lpld_ray.storage import Store
 
     torch.manual_seed(job.seed)
     cfg = job.teacher
@@ -82,10 +83,11 @@ def teacher_train_loop(job: TeacherJob) -> None:
 
 def teacher_state_bytes(store: "Store", cfg: TeacherConfig) -> bytes:
     """The teacher's state dict bytes: the user's weights if given, else the run's verified teacher shard."""
-    from lpld_ray.storage import read_object, read_uri_bytes, verify_shard
+    from lpld_ray.manifest import read_object, verify_shard
+    from lpld_ray.storage import read_uri_bytes
 
     if cfg.weights:
-        return read_uri_bytes(cfg.weights)
+        return read_uri_bytes(cfg.weights, store.storage_options)
     manifest = verify_shard(store, TEACHER_STAGE, TEACHER_SHARD)
     if manifest is None:
         raise LpldError("no teacher in the run and no teacher.weights given: run the teacher stage or set teacher.weights")

@@ -69,6 +69,15 @@ class RayCluster:
                "--", "python", "jobs/distill.py", *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(self.auth_env))
 
+    def status(self, job_id: str) -> str:
+        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED, from the words ``ray job status`` logs."""
+        result = self.job("status", job_id)
+        text = result.stdout + result.stderr
+        for said, status in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED")):
+            if f"Job '{job_id}' {said}" in text:
+                return status
+        return "PENDING" if f"Status for job '{job_id}': PENDING" in text else "RUNNING"
+
     def job(self, verb: str, job_id: str) -> subprocess.CompletedProcess:
         """``ray job status|stop|logs JOB_ID``."""
         cmd = [str(BIN / "ray"), "job", verb, "--address", self.dashboard_url, job_id]
@@ -145,12 +154,112 @@ def ray_cluster():
         log.close()
 
 
-def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python jobs/distill.py ARGS`` as a user would run it (no Ray cluster address given)."""
     return subprocess.run([sys.executable, str(REPO / "jobs" / "distill.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env=child_env(), cwd=REPO)
+                          text=True, timeout=timeout, env=child_env(env), cwd=REPO)
 
 
 def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """path -> (size, mtime_ns) of every file below root."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@dataclass
+class MotoS3:
+    """moto's S3 server on 127.0.0.1 in this process (state survives stop/start on the same port)."""
+
+    server: object
+    port: int
+    access_key: str = "AKIAMOTOTEST"
+    secret_key: str = "moto-secret-DO-NOT-LEAK-9f3c2e"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def make_bucket(self) -> str:
+        import uuid
+
+        import boto3
+
+        bucket = f"lpld-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                     aws_secret_access_key=self.secret_key, region_name="us-east-1").create_bucket(Bucket=bucket)
+        return bucket
+
+    def storage_section(self, **extra) -> dict:
+        return {"endpoint_url": self.endpoint, "region": "us-east-1", "access_key_id": self.access_key,
+                "secret_access_key": self.secret_key, **extra}
+
+    def options(self) -> dict:
+        from lpld_ray.config import StorageConfig
+        from lpld_ray.storage import storage_options
+
+        return storage_options(StorageConfig(**self.storage_section(retries=2, connect_timeout_s=1.0)), "s3://x")
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        import moto.server as server_mod
+
+        self.server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    import moto.server as server_mod
+
+    (port,) = free_ports(1)
+    s3 = MotoS3(server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False), port)
+    s3.server.start()
+    try:
+        yield s3
+    finally:
+        s3.stop()
+
+
+def job_args(run_dir, *extra: str, config: str = "jobs/configs/fashion_mnist.yaml") -> list[str]:
+    """jobs/distill.py arguments of the tiny config on ``run_dir``, plus ``extra`` overrides."""
+    args = ["--config", config, "--run-dir", str(run_dir)]
+    for item in [*TINY_OVERRIDES, *extra]:
+        args += ["--set", item]
+    return args
+
+
+@pytest.fixture(scope="session")
+def finished_run(ray_cluster, tmp_path_factory):
+    """One whole tiny pipeline (teacher included) submitted with `ray job submit`; later tests reuse its teacher."""
+    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    result = ray_cluster.submit(job_args(run_dir))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return run_dir, result
+
+
+def cluster_processes(ray_cluster: RayCluster, title: str) -> list:
+    """Live processes of our test cluster (an ancestor names its temp dir) whose command line contains ``title``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if title not in " ".join(proc.info["cmdline"] or []):
+                continue
+            if any(ray_cluster.temp_dir in " ".join(a.cmdline()) for a in proc.parents()):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def wait_until(condition, timeout: float, what: str, every: float = 0.2):
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

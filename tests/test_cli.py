@@ -75,7 +75,8 @@ def test_new_run_dir_not_created_on_bad_input(tmp_path):
 
 
 def test_train_without_labels_names_the_missing_stage(tmp_path):
-    from lpld_ray.storage import ShardWriter, Store
+    from lpld_ray.manifest import ShardWriter
+    from lpld_ray.storage import Store
 
     run = tmp_path / "images_only"
     store = Store(str(run))
@@ -88,3 +89,36 @@ def test_train_without_labels_names_the_missing_stage(tmp_path):
     assert_one_line_error(result, "train needs the relabel stage's output")
     assert "labels/shard-00000 is missing" in result.stderr
     assert tree_snapshot(run) == before
+
+
+def test_run_record_of_a_newer_schema_is_refused(existing_run):
+    (existing_run / "run.yaml").write_text("schema_version: 99\nconfig: {}\n")
+    before = tree_snapshot(existing_run)
+    result = run_cli(["--config", "jobs/configs/fashion_mnist.yaml", "--run-dir", str(existing_run)])
+    assert_one_line_error(result, "schema_version 99")
+    assert tree_snapshot(existing_run) == before
+
+
+def aws_env(moto_s3, secret: str | None = None) -> dict[str, str]:
+    """Credentials and endpoint the usual AWS way: environment variables, no storage: section."""
+    return {"AWS_ACCESS_KEY_ID": moto_s3.access_key, "AWS_SECRET_ACCESS_KEY": secret or moto_s3.secret_key,
+            "AWS_ENDPOINT_URL": moto_s3.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def test_s3_run_dir_on_a_missing_bucket(moto_s3):
+    result = run_cli(["--run-dir", "s3://lpld-no-such-bucket/run"], env=aws_env(moto_s3))
+    assert_one_line_error(result, "bucket 'lpld-no-such-bucket' of run directory 's3://lpld-no-such-bucket/run' does not exist")
+
+
+def test_s3_wrong_credentials_fail_without_echoing_them(moto_s3, monkeypatch):
+    import moto.settings
+
+    from lpld_ray.storage import Store
+
+    bucket = moto_s3.make_bucket()
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto now checks the keys it is given
+    result = run_cli(["--run-dir", f"s3://{bucket}/run"], env=aws_env(moto_s3, secret="wrong-secret-4711"))
+    assert_one_line_error(result, "access denied while listing the bucket of")
+    assert "wrong-secret-4711" not in result.stderr + result.stdout
+    monkeypatch.undo()
+    assert Store(f"s3://{bucket}/run", moto_s3.options()).list("") == []  # nothing was written

@@ -89,3 +89,30 @@ def test_all_presets_load():
     assert presets, "no presets found"
     for preset in presets:
         assert isinstance(load_config(preset), Config)
+
+
+def test_storage_section_validates_and_never_echoes_secrets():
+    from lpld_ray.config import redacted
+
+    cfg = load_config(None, ["storage.endpoint_url=http://127.0.0.1:9000", "storage.access_key_id=AKID",
+                             "storage.secret_access_key=hunter2-secret"])
+    assert cfg.storage.endpoint_url == "http://127.0.0.1:9000"
+    assert "hunter2" not in repr(cfg)
+    tree = redacted(config_to_dict(cfg))
+    assert tree["storage"]["secret_access_key"] == "<redacted>" and tree["storage"]["access_key_id"] == "<redacted>"
+    assert config_to_dict(cfg)["storage"]["secret_access_key"] == "hunter2-secret"  # the original is untouched
+    with pytest.raises(ConfigError, match=r"'storage.secret_access_key': <redacted> \(allowed: a string\)"):
+        load_config(None, ["storage.secret_access_key=12345"])
+    with pytest.raises(ConfigError, match="set together with storage.access_key_id"):
+        load_config(None, ["storage.secret_access_key=only-half"])
+    with pytest.raises(ConfigError, match="storage.endpoint_url"):
+        load_config(None, ["storage.endpoint_url=localhost:9000"])
+    with pytest.raises(ConfigError, match="at most half of storage.lease_timeout_s"):
+        load_config(None, ["storage.lease_timeout_s=10", "storage.lease_refresh_s=6"])
+
+
+def test_storage_and_failure_budget_do_not_block_a_resume():
+    base = config_to_dict(load_config(None))
+    moved = config_to_dict(load_config(None, ["storage.endpoint_url=http://other:9000", "storage.retries=9",
+                                              "train.max_failures=0"]))
+    assert result_key_diff(base, moved) == []

@@ -30,7 +30,8 @@ from lpld_ray.labels import (
     table_to_parquet,
     view_counts,
 )
-from lpld_ray.storage import Store, verify_shard
+from lpld_ray.manifest import verify_shard
+from lpld_ray.storage import Store
 
 CLASSES, IPC, SIDE = 3, 4, 16
 
@@ -70,12 +71,13 @@ class Recorder:
         return torch.cat(self.batches)
 
 
-def relabel(tmp_path, cfg: RelabelConfig, ids: list[int], images=None, teacher=None, seed: int = 7, shard="shard-00001"):
+def relabel(tmp_path, cfg: RelabelConfig, ids: list[int], images=None, teacher=None, seed: int = 7, shard="shard-00001",
+            num_images: int | None = None):
     images = images if images is not None else make_images()
     teacher = teacher if teacher is not None else tiny_teacher()
     rec = Recorder()
     store = Store(str(tmp_path / "run"))
-    counts = view_counts(len(images), cfg.epochs, cfg.compression, seed)
+    counts = view_counts(num_images or len(images), cfg.epochs, cfg.compression, seed)
     meta = relabel_shard(store, teacher, rec, images, ids, counts, CLASSES, cfg, seed, "cpu", shard=shard)
     return store, meta, rec, images, counts
 
@@ -223,3 +225,22 @@ def test_parquet_round_trip_and_schema_version_check(tmp_path):
 def test_relabel_config_rejects_bad_values(field, value):
     with pytest.raises(ConfigError, match=f"relabel.{field}"):
         RelabelConfig(**{field: value})
+
+
+@pytest.mark.parametrize("mix", ["cutmix", "cutout"])
+def test_relabel_reads_only_its_images_and_their_partners(tmp_path, mix):
+    from lpld_ray.labels import images_needed
+
+    cfg = RelabelConfig(epochs=4, compression=2, mix=mix, batch_size=5)
+    ids = [image_id_of(0, i, IPC) for i in range(IPC)]
+    images = make_images(classes=6)  # 24 images in the run
+    counts = view_counts(len(images), cfg.epochs, cfg.compression, 7)
+    needed = images_needed(7, ids, counts, cfg, SIDE)
+    assert set(ids) <= needed
+    if mix == "cutout":
+        assert needed == set(ids)  # no partners
+    else:
+        assert len(needed) < len(images)  # 4 images x 2 views reach at most 8 partners of 20
+    full, *_ = relabel(tmp_path / "full", cfg, ids, images=images)
+    few, *_ = relabel(tmp_path / "few", cfg, ids, images={i: images[i] for i in needed}, num_images=len(images))
+    assert full.read_bytes("labels/shard-00001/labels.parquet") == few.read_bytes("labels/shard-00001/labels.parquet")

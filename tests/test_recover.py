@@ -94,3 +94,35 @@ def test_recover_lowers_the_loss(teacher_and_sums):
 
     final = (images - mean) / std
     assert loss_of(final) < 0.8 * loss_of(init.clamp((0 - mean) / std, (1 - mean) / std))
+
+
+def test_bf16_autocast_keeps_the_loss_within_tolerance_of_fp32(teacher_and_sums):
+    """The recover loss of the same images under bf16 autocast stays within 2% of fp32, and synthesis under bf16
+    reaches a final loss within 10% of fp32 (bf16 keeps 8 bits of mantissa: ~0.4% per value)."""
+    from dataclasses import replace
+
+    from lpld_ray.recover import bn_modules
+
+    model, sums = teacher_and_sums
+    groups = class_wise_groups([0, 1, 2, 3], CFG.ipc, BNTarget.rows_of(sums), run_seed=5)
+    x = torch.randn(12, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+    def loss_of(images, precision):
+        inputs = []
+        hooks = [m.register_forward_pre_hook(lambda _m, inp: inputs.append(inp[0])) for m in bn_modules(model)]
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(images)
+            return group_losses(logits.float(), inputs, groups, CFG).item()
+        finally:
+            for h in hooks:
+                h.remove()
+
+    fp32, bf16 = loss_of(x, "fp32"), loss_of(x, "bf16")
+    assert abs(bf16 - fp32) / fp32 < 0.02, (fp32, bf16)
+    long = replace(CFG, iterations=20)
+    final = {p: recover_groups(model, groups, replace(long, precision=p), BOUNDS) for p in ("fp32", "bf16")}
+    normalised = {p: (torch.cat(v) - 0.286) / 0.353 for p, v in final.items()}
+    losses = {p: loss_of(normalised[p], "fp32") for p in final}
+    assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] < 0.10, losses
+    assert all(torch.isfinite(torch.cat(v)).all() for v in final.values())

@@ -11,22 +11,18 @@ import uuid
 import pytest
 
 from lpld_ray.errors import StorageError
-from lpld_ray.storage import (
+from lpld_ray.manifest import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA_VERSION,
     Manifest,
     ObjectEntry,
     ShardWriter,
-    Store,
-    check_uri,
-    join_uri,
     list_shards,
     read_manifest,
     read_object,
-    read_uri_bytes,
-    shard_name,
     verify_shard,
 )
+from lpld_ray.storage import Store, check_uri, join_uri, read_uri_bytes, shard_name
 
 
 def _memory_root() -> str:
@@ -251,7 +247,7 @@ def test_verify_detects_bad_object(store, caplog, corrupt, said):
     _write_shard(store)
     rel = "images/shard-00003/a.bin"
     corrupt(store, rel)
-    with caplog.at_level(logging.WARNING, logger="lpld_ray.storage"):
+    with caplog.at_level(logging.WARNING, logger="lpld_ray.manifest"):
         assert verify_shard(store, "images", "shard-00003") is None
     assert said in caplog.text and store.uri(rel) in caplog.text
 
@@ -260,7 +256,7 @@ def test_verify_rejects_invalid_json_manifest(store, caplog):
     _write_shard(store)
     rel = f"images/shard-00003/{MANIFEST_NAME}"
     store.write_text(rel, '{"schema_version": 1, "stage": "ima')  # torn write
-    with caplog.at_level(logging.WARNING, logger="lpld_ray.storage"):
+    with caplog.at_level(logging.WARNING, logger="lpld_ray.manifest"):
         assert read_manifest(store, "images", "shard-00003") is None
         assert verify_shard(store, "images", "shard-00003") is None
     assert store.uri(rel) in caplog.text
@@ -368,7 +364,7 @@ def test_s3_round_trip_with_moto():
 
 
 def test_copy_stage_keeps_shards_verifiable(tmp_path):
-    from lpld_ray.storage import copy_stage
+    from lpld_ray.manifest import copy_stage
 
     src, dst = Store(str(tmp_path / "a")), Store(str(tmp_path / "b"))
     writer = ShardWriter(src, "images", "shard-00000")

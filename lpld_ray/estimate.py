@@ -1,0 +1,146 @@
+"""--plan: per-stage work units, image and label storage per compression, and peak memory per worker; no compute."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lpld_ray.config import Config, DataConfig
+from lpld_ray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+COMPRESSIONS = (1, 10, 20, 40, 100)
+LOGIT_BYTES = 2  # fp16
+# Stored PNG bytes per pixel value of a synthetic image, measured on this project's Fashion-MNIST runs
+# (66,041 B for 100 images of 28x28x1; docs/RESULTS.md). Synthetic ImageNet images are similarly high-frequency.
+PNG_BYTES_PER_VALUE = 0.84
+KNOWN = {"fashion_mnist": (10, 1, 60_000), "digits": (10, 1, 1_437)}  # classes, channels, train images
+
+
+@dataclass(frozen=True)
+class DatasetShape:
+    num_classes: int
+    channels: int
+    size: int
+    train_images: int | None  # None when the tree is not reachable from this machine
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """fp32 bytes one worker holds at its peak: weights (+ grads and Adam state where trained) and activations."""
+
+    recover: int
+    relabel: int
+    train: int
+
+
+def dataset_shape(cfg: DataConfig) -> DatasetShape:
+    """Classes and channels of the configured data, from its name, its tree if reachable, or data.num_classes."""
+    if cfg.name in KNOWN:
+        classes, channels, images = KNOWN[cfg.name]
+        return DatasetShape(cfg.num_classes or classes, channels, cfg.image_size, images)
+    root = Path(cfg.root) / "train"
+    if root.is_dir():
+        folders = sorted(p for p in root.iterdir() if p.is_dir())[: cfg.num_classes]
+        return DatasetShape(len(folders), 3, cfg.image_size, sum(sum(1 for _ in f.iterdir()) for f in folders))
+    if cfg.num_classes is None:
+        raise DataError(f"data.root '{cfg.root}' is not reachable here: set data.num_classes for --plan")
+    return DatasetShape(cfg.num_classes, 3, cfg.image_size, None)
+
+
+def human(size: float) -> str:
+    """Bytes in binary units: 1536 -> '1.5 KiB' (the paper's GB figures match GiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.2f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def label_record_bytes(num_classes: int) -> int:
+    """One stored view: fp16 logits plus the augmentation parameters of the Parquet schema."""
+    from lpld_ray.labels import aug_bytes_per_row, label_schema
+
+    return num_classes * LOGIT_BYTES + aug_bytes_per_row(label_schema(num_classes))
+
+
+def label_bytes(num_images: int, epochs: int, compression: float, num_classes: int) -> int:
+    """Label storage at compression k: round(N*E/k) views kept, each one record."""
+    return round(num_images * epochs / compression) * label_record_bytes(num_classes)
+
+
+def image_bytes(num_images: int, channels: int, size: int) -> int:
+    return round(num_images * channels * size * size * PNG_BYTES_PER_VALUE)
+
+
+def activation_bytes(model: nn.Module, batch: int, channels: int, size: int) -> int:
+    """fp32 bytes of every leaf module's output for one forward pass, from shapes only (meta tensors)."""
+    total = 0
+
+    def count(_module, _inputs, output) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * 4
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(torch.empty(batch, channels, size, size, device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def peak_memory(cfg: Config, shape: DatasetShape) -> PeakMemory:
+    """Per-worker estimate (no allocator overhead): activations kept for backward count twice (value and grad)."""
+    from lpld_ray.models import build_model
+
+    with torch.device("meta"):
+        teacher = build_model(cfg.teacher.arch, shape.num_classes, shape.channels, shape.size).eval()
+        student = build_model(cfg.train.arch, shape.num_classes, shape.channels, shape.size)
+    weights = lambda m: sum(p.numel() for p in m.parameters()) * 4  # noqa: E731
+    rc, shard = cfg.recover, cfg.runner.class_shard_size
+    pass_images = (rc.ipc * min(rc.classes_per_pass, shard) if rc.batching == "class_wise"
+                   else shard * min(rc.classes_per_pass, rc.ipc))  # groups of one class / one image of each class
+    pixels = pass_images * shape.channels * shape.size ** 2 * 4
+    recover = weights(teacher) + 4 * pixels + 2 * activation_bytes(teacher, pass_images, shape.channels, shape.size)
+    relabel = weights(teacher) + activation_bytes(teacher, cfg.relabel.batch_size, shape.channels, shape.size)
+    train = 4 * weights(student) + 2 * activation_bytes(student, cfg.train.batch_size, shape.channels, shape.size)
+    return PeakMemory(recover, relabel, train)
+
+
+def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
+    """The human plan: work units per stage, storage per compression, memory per worker, actors."""
+    from lpld_ray.stages import plan_class_shards
+
+    shards = len(plan_class_shards(shape.num_classes, cfg.runner.class_shard_size))
+    images = shape.num_classes * cfg.recover.ipc
+    memory = peak_memory(cfg, shape)
+    seen = "unknown here" if shape.train_images is None else f"{shape.train_images:,}"
+    lines = [
+        f"dataset: {shape.num_classes:,} classes, {shape.channels}x{shape.size}x{shape.size}, train images {seen}",
+        f"teacher: {'given weights ' + cfg.teacher.weights if cfg.teacher.weights else f'{cfg.teacher.epochs} epochs with Ray Train'}",
+        f"squeeze: {cfg.squeeze.partitions} data partitions -> {shards} class shards (+ global)",
+        f"recover: {shards} class shards of {cfg.runner.class_shard_size} classes, {images:,} images x "
+        f"{cfg.recover.iterations} iterations; images ~{human(image_bytes(images, shape.channels, shape.size))} (PNG)",
+        f"relabel: {shards} class shards, {cfg.relabel.epochs} epochs of views, "
+        f"{label_record_bytes(shape.num_classes):,} B per stored view",
+    ]
+    for k in sorted({*COMPRESSIONS, cfg.relabel.compression}):
+        size = label_bytes(images, cfg.relabel.epochs, k, shape.num_classes)
+        mark = "  <- this run" if k == cfg.relabel.compression else ""
+        lines.append(f"  labels at {k:g}x: {human(size)}{mark}")
+    lines += [
+        f"train: {cfg.train.epochs} epochs, {cfg.train.num_workers} Ray Train workers",
+        f"peak memory per worker (fp32 estimate): recover {human(memory.recover)}, "
+        f"relabel {human(memory.relabel)}, train {human(memory.train)}",
+        f"actors: {actors}",
+    ]
+    return lines

@@ -1,0 +1,74 @@
+"""--plan estimates against the paper's storage figures (within 10%), and the plan printed for the full presets."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_cli
+
+from lpld_ray.config import load_config
+from lpld_ray.estimate import GIB, activation_bytes, dataset_shape, label_bytes, label_record_bytes, plan_lines
+
+# (preset, ipc, compression, the paper's label storage in GB; its figures match GiB)
+PAPER = [
+    ("imagenet1k_rn18", 10, 1, 5.67),
+    ("imagenet1k_rn18", 10, 40, 0.14),
+    ("imagenet1k_rn18", 200, 1, 113),
+    ("imagenet1k_rn18", 200, 40, 2.85),
+    ("imagenet21kp_rn18", 10, 1, 643),
+    ("imagenet21kp_rn18", 10, 40, 16),
+]
+
+
+@pytest.mark.parametrize("preset,ipc,k,paper_gb", PAPER)
+def test_label_estimates_match_the_paper_within_10_percent(preset, ipc, k, paper_gb):
+    cfg = load_config(f"jobs/configs/{preset}.yaml", [f"recover.ipc={ipc}"])
+    shape = dataset_shape(cfg.data)
+    estimate = label_bytes(shape.num_classes * ipc, cfg.relabel.epochs, k, shape.num_classes) / GIB
+    assert abs(estimate - paper_gb) / paper_gb < 0.10, (estimate, paper_gb)
+
+
+def test_record_size_is_fp16_logits_plus_the_stored_augmentation():
+    assert label_record_bytes(1000) == 2000 + label_record_bytes(1) - 2
+    assert 0 < label_record_bytes(1) - 2 < 100
+
+
+def test_estimate_matches_a_real_label_pool():
+    """The Fashion-MNIST IPC10 runs stored 2,130,000 label bytes at k=1 (docs/RESULTS.md): 100 images x 300 views x 71 B."""
+    assert label_bytes(100, 300, 1, 10) == 2_130_000
+    assert label_bytes(100, 300, 40, 10) == 53_250
+
+
+def test_activation_count_uses_shapes_only():
+    import torch
+
+    from lpld_ray.models import build_model
+
+    with torch.device("meta"):
+        model = build_model("resnet18", 10450, 3, 224)
+    # the fc output alone is batch x classes fp32 values; the whole net holds far more
+    assert activation_bytes(model, 2, 3, 224) > 2 * 10450 * 4
+
+
+def test_unreachable_image_folder_without_class_count_is_one_line():
+    from lpld_ray.errors import DataError
+
+    cfg = load_config("jobs/configs/imagenet1k_rn18.yaml", ["data.num_classes=null"])
+    with pytest.raises(DataError, match="set data.num_classes for --plan"):
+        dataset_shape(cfg.data)
+
+
+def test_plan_lines_cover_every_stage():
+    cfg = load_config("jobs/configs/imagenet21kp_rn18.yaml")
+    text = "\n".join(plan_lines(cfg, dataset_shape(cfg.data), "8 on cluster"))
+    for fragment in ("523 class shards", "104,500 images", "labels at 1x: 611.71 GiB", "labels at 40x: 15.29 GiB  <- this run",
+                     "512 data partitions", "peak memory per worker", "actors: 8 on cluster"):
+        assert fragment in text, fragment
+
+
+@pytest.mark.parametrize("preset", ["imagenet1k_rn18", "imagenet21kp_rn18", "tiny_imagenet_rn18"])
+def test_plan_on_full_presets_runs_nothing(preset, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli(["--config", f"jobs/configs/{preset}.yaml", "--run-dir", str(run), "--plan"], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "plan: relabel:" in result.stderr and "plan: actors:" in result.stderr
+    assert not run.exists()

@@ -1,0 +1,271 @@
+"""Faults injected into real `ray job submit` runs (local files and moto S3): killed driver, actor and Ray Train
+worker, corrupted objects, an unreachable store, a second job on the same run. Each records a row of the fault table
+(docs/RESULTS.md) when LPLD_FAULT_TABLE names a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, cluster_processes, job_args, tree_snapshot, wait_until
+
+from lpld_ray.manifest import MANIFEST_NAME, copy_stage, list_shards, verify_shard
+from lpld_ray.storage import Store
+
+pytestmark = pytest.mark.ray
+
+CLASS_SHARDS = 4
+# one class per shard and enough iterations that a fault lands mid-recover
+FAULT_OVERRIDES = ["runner.class_shard_size=1", "recover.iterations=400"]
+STAGES = "squeeze,recover,relabel,train,report"
+
+
+def record_fault(fault: str, injected: int, recovered: bool, redone: str, lost: int) -> None:
+    path = os.environ.get("LPLD_FAULT_TABLE")
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"fault": fault, "injected": injected, "recovered": recovered, "redone": redone,
+                                 "lost": lost}) + "\n")
+
+
+def fault_args(run_dir, teacher: Path, *extra: str, config: str = "jobs/configs/fashion_mnist.yaml") -> list[str]:
+    return job_args(run_dir, *FAULT_OVERRIDES, f"teacher.weights={teacher}", *extra, config=config)
+
+
+def images_of(store: Store) -> dict[str, bytes]:
+    """class/index image name -> PNG bytes, over every images shard."""
+    return {name.split("/")[-1]: store.read_bytes(f"images/{name}") for name in store.list("images")
+            if not name.endswith(MANIFEST_NAME)}
+
+
+def wait_for_job_end(ray_cluster, job_id: str, timeout: float = 600) -> str:
+    def ended():
+        status = ray_cluster.status(job_id)
+        return status if status in ("SUCCEEDED", "FAILED", "STOPPED") else None
+
+    return wait_until(ended, timeout, f"job {job_id} to end", every=1.0)
+
+
+def job_logs(ray_cluster, job_id: str) -> str:
+    return ray_cluster.job("logs", job_id).stdout
+
+
+def s3_config(moto_s3, tmp_path: Path) -> str:
+    """The preset plus a storage: section pointing at moto (retries and timeouts short so an outage fails fast)."""
+    tree = yaml.safe_load((REPO / "jobs/configs/fashion_mnist.yaml").read_text())
+    tree["storage"] = moto_s3.storage_section(retries=2, connect_timeout_s=1.0, read_timeout_s=5.0,
+                                              lease_timeout_s=30.0, lease_refresh_s=2.0)
+    path = tmp_path / "s3.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def teacher(finished_run) -> Path:
+    return finished_run[0] / "teacher" / "model" / "teacher.pt"
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, teacher, tmp_path_factory):
+    """An uninterrupted run of the fault config: what every interrupted run must end up equal to."""
+    run_dir = tmp_path_factory.mktemp("faults") / "reference"
+    result = ray_cluster.submit(["--stages", STAGES, *fault_args(run_dir, teacher)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_driver_sigkill_mid_recover_then_rerun_is_byte_identical(ray_cluster, teacher, reference, moto_s3, tmp_path, where):
+    if where == "local":
+        run_dir, config, store = tmp_path / "killed", "jobs/configs/fashion_mnist.yaml", Store(str(tmp_path / "killed"))
+    else:
+        config = s3_config(moto_s3, tmp_path)
+        run_dir = f"s3://{moto_s3.make_bucket()}/killed"
+        store = Store(run_dir, moto_s3.options())
+    args = ["--stages", "squeeze,recover", *fault_args(run_dir, teacher, config=config)]
+    job_id = f"kill-driver-{uuid.uuid4().hex[:8]}"
+    assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
+    wait_until(lambda: list_shards(store, "images"), 600, "the first images shard")
+    (driver,) = wait_until(lambda: [p for p in cluster_processes(ray_cluster, str(run_dir)) if p.name() != "sh"], 30,
+                           "the driver process")
+    driver.send_signal(signal.SIGKILL)
+    assert wait_for_job_end(ray_cluster, job_id) == "FAILED"
+    wait_until(lambda: not cluster_processes(ray_cluster, "ShardWorker"), 60, "the dead job's actors to go")
+    finished = wait_until(lambda: stable_finished(store), 60, "the finished shards to settle")
+    assert 0 < len(finished) < CLASS_SHARDS, "the kill did not land mid-recover"
+    kept = {s: object_stamps(store, f"images/{s}") for s in finished}
+    result = ray_cluster.submit(args)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    said = [line[line.index("recover:"):] for line in out.splitlines() if "recover:" in line]
+    assert f"recover: {CLASS_SHARDS - len(finished)} of {CLASS_SHARDS} class shards to do" in said, (finished, said)
+    assert {s: object_stamps(store, f"images/{s}") for s in finished} == kept  # same ETag / mtime: not rewritten
+    assert images_of(store) == images_of(Store(str(reference)))
+    record_fault(f"driver SIGKILL mid-recover ({where})", 1, True, f"{CLASS_SHARDS - len(finished)} of {CLASS_SHARDS} image shards", 0)
+
+
+def stable_finished(store: Store, settle_s: float = 3.0) -> list[str] | None:
+    """The verified images shards, once two looks ``settle_s`` apart agree (None while they still change)."""
+    def verified() -> list[str]:
+        return [s for s in list_shards(store, "images") if verify_shard(store, "images", s) is not None]
+
+    first = verified()
+    time.sleep(settle_s)
+    return first if verified() == first else None
+
+
+def object_stamps(store: Store, prefix: str) -> dict[str, tuple]:
+    """name -> (size, ETag or mtime) of every object under ``prefix``."""
+    fs, base = store._fs, store._path(prefix)
+    return {p: (info["size"], info.get("ETag") or info.get("mtime")) for p, info in fs.find(base, detail=True).items()}
+
+
+def test_actor_kill_mid_shard_redoes_that_shard_once(ray_cluster, teacher, reference, tmp_path):
+    run_dir = tmp_path / "actor"
+    stats = Store(str(run_dir))
+    copy_stage(Store(str(reference)), stats, "stats")
+    job_id = f"kill-actor-{uuid.uuid4().hex[:8]}"
+    assert ray_cluster.submit(["--stages", "recover", *fault_args(run_dir, teacher)], wait=False, job_id=job_id).returncode == 0
+    workers = wait_until(lambda: cluster_processes(ray_cluster, "ray::ShardWorker.recover"), 300, "a recovering actor")
+    workers[0].send_signal(signal.SIGKILL)
+    assert wait_for_job_end(ray_cluster, job_id) == "SUCCEEDED"
+    logs = job_logs(ray_cluster, job_id)
+    assert logs.count("died (") == 1 and "shard goes back on the queue" in logs, logs[-3000:]
+    store = Store(str(run_dir))
+    for shard in list_shards(store, "images"):
+        manifest = verify_shard(store, "images", shard)
+        assert manifest is not None
+        assert sorted(store.list(f"images/{shard}")) == sorted([MANIFEST_NAME, *(o.name for o in manifest.objects)])
+    assert len(list_shards(store, "images")) == CLASS_SHARDS
+    assert images_of(store) == images_of(Store(str(reference)))
+    record_fault("shard actor SIGKILL mid-shard", 1, True, "1 image shard", 0)
+
+
+def test_train_worker_kill_resumes_from_checkpoint_and_second_job_is_refused(ray_cluster, teacher, reference, tmp_path):
+    run_dir = tmp_path / "train"
+    for stage in ("stats", "images", "labels"):
+        copy_stage(Store(str(reference)), Store(str(run_dir)), stage)
+    args = ["--stages", "train", *fault_args(run_dir, teacher, "train.epochs=300", "train.checkpoint_every=10",
+                                             "train.eval_every=300")]
+    job_id = f"kill-train-{uuid.uuid4().hex[:8]}"
+    assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
+    wait_until(lambda: len(list((run_dir / "train").glob("ray_train-*/checkpoint_*"))) >= 2, 600, "two checkpoints")
+    second = ray_cluster.submit(args)
+    assert second.returncode != 0
+    assert f"is in use by job {job_id}" in second.stdout + second.stderr
+    (worker,) = cluster_processes(ray_cluster, "RayTrainWorker")
+    worker.send_signal(signal.SIGKILL)
+    assert wait_for_job_end(ray_cluster, job_id) == "SUCCEEDED", job_logs(ray_cluster, job_id)[-3000:]
+    manifest = verify_shard(Store(str(run_dir)), "train", "model")
+    assert manifest is not None and 10 <= manifest.meta["resumed_from"] < 300
+    assert "resuming from the checkpoint of epoch" in job_logs(ray_cluster, job_id)
+    record_fault("Ray Train worker SIGKILL", 1, True, f"epochs {manifest.meta['resumed_from']}-300 (from checkpoint)", 0)
+    record_fault("second job on a run in use", 1, True, "none (refused, named the holder)", 0)
+
+
+def test_corrupt_objects_are_named_redone_and_never_trained_on(ray_cluster, teacher, reference, tmp_path):
+    run_dir = tmp_path / "corrupt"
+    src, store = Store(str(reference)), Store(str(run_dir))
+    for stage in ("stats", "images", "labels", "train"):
+        copy_stage(src, store, stage)
+    store.write_bytes("run.yaml", src.read_bytes("run.yaml"))
+    image = run_dir / "images" / "shard-00002" / "00002_0001.png"
+    image.write_bytes(image.read_bytes()[:40])  # truncated
+    labels = run_dir / "labels" / "shard-00001" / "labels.parquet"
+    data = bytearray(labels.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    labels.write_bytes(bytes(data))
+    (run_dir / "stats" / "shard-00003" / MANIFEST_NAME).write_text("{not json")
+    result = ray_cluster.submit(["--stages", STAGES, *fault_args(run_dir, teacher)])
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "images/shard-00002/00002_0001.png: size 40 !=" in out
+    assert "labels/shard-00001/labels.parquet: sha256 mismatch" in out
+    assert "manifest is not valid JSON" in out
+    assert f"recover: 1 of {CLASS_SHARDS} class shards to do" in out
+    assert f"relabel: 1 of {CLASS_SHARDS} class shards to do" in out
+    assert "train: verified model already in the run; skipping" in out  # redone bytes are the ones it trained on
+    assert tree_bytes(run_dir, "images", "labels", "stats") == tree_bytes(reference, "images", "labels", "stats")
+    record_fault("truncated image object", 1, True, "1 image shard", 0)
+    record_fault("flipped byte in a label object", 1, True, "1 label shard", 0)
+    record_fault("manifest that is not JSON", 1, True, "stats (one squeeze pass)", 0)
+    # with only the train stage asked, a corrupt label object stops the job before any training
+    labels.write_bytes(bytes(data))
+    store.delete(f"train/model/{MANIFEST_NAME}")
+    result = ray_cluster.submit(["--stages", "train", *fault_args(run_dir, teacher)])
+    assert result.returncode != 0
+    assert "train will not use labels/shard-00001" in result.stdout + result.stderr
+    assert verify_shard(store, "train", "model") is None
+
+
+def tree_bytes(root: Path, *stages: str) -> dict[str, bytes]:
+    """Every data object of ``stages`` (manifests differ in their timings only)."""
+    return {str(p.relative_to(root)): p.read_bytes() for s in stages for p in (root / s).rglob("*")
+            if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def test_unreachable_store_fails_cleanly_and_rerun_completes(ray_cluster, teacher, reference, moto_s3, tmp_path):
+    run_dir = f"s3://{moto_s3.make_bucket()}/outage"
+    store = Store(run_dir, moto_s3.options())
+    args = ["--stages", "squeeze,recover", *fault_args(run_dir, teacher, config=s3_config(moto_s3, tmp_path))]
+    job_id = f"outage-{uuid.uuid4().hex[:8]}"
+    assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
+    wait_until(lambda: list_shards(store, "images"), 600, "the first images shard")
+    moto_s3.stop()
+    try:
+        stopped = time.time()
+        assert wait_for_job_end(ray_cluster, job_id, timeout=300) == "FAILED"
+        failed_after = time.time() - stopped
+    finally:
+        moto_s3.start()
+    logs = job_logs(ray_cluster, job_id)
+    assert "object store unreachable while" in logs and "2 attempts" in logs, logs[-3000:]
+    assert moto_s3.secret_key not in logs
+    result = ray_cluster.submit(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert images_of(store) == images_of(Store(str(reference)))
+    record_fault("object store down mid-recover (moto stopped)", 1, True,
+                 f"in-flight image shards; job failed {failed_after:.0f}s after the outage", 0)
+
+
+def test_full_pipeline_on_s3_keeps_credentials_out(ray_cluster, moto_s3, tmp_path):
+    run_dir = f"s3://{moto_s3.make_bucket()}/full"
+    store = Store(run_dir, moto_s3.options())
+    result = ray_cluster.submit(job_args(run_dir, config=s3_config(moto_s3, tmp_path)))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    for stage, shards in (("teacher", ["model"]), ("stats", ["global", "shard-00000", "shard-00001"]),
+                          ("images", ["shard-00000", "shard-00001"]), ("labels", ["shard-00000", "shard-00001"]),
+                          ("train", ["model"])):
+        for shard in shards:
+            assert verify_shard(store, stage, shard) is not None, (stage, shard)
+    report = json.loads(store.read_text("report/report.json"))
+    assert report["student_top1"] > 0.45  # same margin over the 25% chance as the local e2e test
+    assert yaml.safe_load(store.read_text("run.yaml"))["config"]["storage"]["secret_access_key"] == "<redacted>"
+    assert moto_s3.secret_key not in out
+    for name in store.list(""):
+        assert moto_s3.secret_key.encode() not in store.read_bytes(name), name
+
+
+def test_force_new_starts_over_after_a_refused_resume(ray_cluster, teacher, reference, tmp_path):
+    run_dir = tmp_path / "again"
+    src, store = Store(str(reference)), Store(str(run_dir))
+    for stage in ("stats", "images", "labels"):
+        copy_stage(src, store, stage)
+    store.write_bytes("run.yaml", src.read_bytes("run.yaml"))
+    before = tree_snapshot(run_dir)
+    changed = ["--stages", "squeeze,recover", *fault_args(run_dir, teacher, "recover.iterations=30")]
+    refused = ray_cluster.submit(changed)
+    assert refused.returncode != 0 and "recover.iterations" in refused.stdout + refused.stderr
+    assert tree_snapshot(run_dir) == before
+    result = ray_cluster.submit(["--force-new", *changed])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert store.list("labels") == []
+    assert yaml.safe_load((run_dir / "run.yaml").read_text())["config"]["recover"]["iterations"] == 30
+    assert len(list_shards(store, "images")) == CLASS_SHARDS

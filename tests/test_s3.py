@@ -1,0 +1,77 @@
+"""Object storage on moto's S3 server: options from the storage: section, and one-line errors for bad buckets,
+refused credentials and an unreachable store; credentials never appear in a message."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from lpld_ray.config import StorageConfig
+from lpld_ray.errors import StorageError
+from lpld_ray.manifest import ShardWriter, verify_shard
+from lpld_ray.storage import Store, read_uri_bytes, storage_options
+
+
+def test_storage_options_come_from_the_section_and_only_for_s3():
+    cfg = StorageConfig(endpoint_url="http://127.0.0.1:9", region="eu-west-1", access_key_id="AK", secret_access_key="SK",
+                        retries=3, connect_timeout_s=2.0)
+    opts = storage_options(cfg, "s3://bucket/run")
+    assert opts["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"}
+    assert (opts["key"], opts["secret"]) == ("AK", "SK") and "token" not in opts
+    assert opts["config_kwargs"]["retries"] == {"max_attempts": 3, "mode": "standard"}
+    assert opts["config_kwargs"]["connect_timeout"] == 2.0
+    assert "key" not in storage_options(StorageConfig(), "s3://bucket/run")  # left to AWS_* environment variables
+    assert storage_options(cfg, "/tmp/run") == {} and storage_options(cfg, "memory://x") == {}
+    assert "SK" not in repr(cfg) and "SK" not in repr(Store("s3://bucket/run", opts))
+
+
+def test_round_trip_and_exclusive_create_on_s3(moto_s3):
+    store = Store(f"s3://{moto_s3.make_bucket()}/run", moto_s3.options())
+    store.check_reachable()
+    writer = ShardWriter(store, "images", "shard-00000")
+    writer.put("a.png", b"abc")
+    manifest = writer.commit(seed=1)
+    assert verify_shard(store, "images", "shard-00000") == manifest
+    assert store.create_exclusive("_lease/gen-00000000.json", b"1") is True
+    assert store.create_exclusive("_lease/gen-00000000.json", b"2") is False  # S3 If-None-Match, enforced by moto
+    assert store.delete_tree("images") == 2 and store.list("images") == []
+
+
+def test_missing_bucket_is_one_line_and_writes_nothing(moto_s3):
+    store = Store("s3://no-such-bucket-lpld/run", moto_s3.options())
+    with pytest.raises(StorageError, match=r"bucket 'no-such-bucket-lpld' of run directory 's3://no-such-bucket-lpld/run' does not exist"):
+        store.check_reachable()
+
+
+def test_refused_credentials_name_the_object_not_the_secret(moto_s3, monkeypatch):
+    import moto.settings
+
+    store = Store(f"s3://{moto_s3.make_bucket()}/run", moto_s3.options())
+    store.write_bytes("run.yaml", b"x")
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto now checks keys: ours is unknown
+    other = Store(store.root, dict(moto_s3.options(), skip_instance_cache=True))
+    for call in (other.check_reachable, lambda: other.read_bytes("run.yaml"), lambda: other.write_bytes("a", b"1")):
+        with pytest.raises(StorageError, match="access denied while") as err:
+            call()
+        assert moto_s3.secret_key not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreachable_store_fails_after_bounded_retries_then_recovers(moto_s3):
+    store = Store(f"s3://{moto_s3.make_bucket()}/run", moto_s3.options())
+    store.write_bytes("images/a.bin", b"kept")
+    moto_s3.stop()
+    try:
+        started = time.time()
+        with pytest.raises(StorageError, match=r"object store unreachable while reading 's3://.*/run/images/a.bin' "
+                                               r"\(endpoint http://127.0.0.1:\d+, 2 attempts\)") as err:
+            store.read_bytes("images/a.bin")
+        assert time.time() - started < 60  # bounded: 2 attempts with a 1 s connect timeout
+        assert moto_s3.secret_key not in str(err.value)
+        with pytest.raises(StorageError, match="unreachable while writing"):
+            store.write_bytes("images/b.bin", b"new")
+        with pytest.raises(StorageError, match="unreachable while reading"):
+            read_uri_bytes(store.uri("images/a.bin"), moto_s3.options())
+    finally:
+        moto_s3.start()
+    assert store.read_bytes("images/a.bin") == b"kept"
