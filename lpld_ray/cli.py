@@ -70,10 +70,12 @@ def start_over(store: "Store") -> None:
     log.warning("--force-new: deleted %d objects of the earlier run at %s", removed, store.root)
 
 
-def interrupt_on(signum: int) -> None:
-    """Turn ``signum`` (e.g. the SIGTERM of `ray job stop`) into SystemExit so the lease is released on the way out."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signum, lambda *_: sys.exit(128 + signum))
+def interrupt_on(signum: int):
+    """Turn ``signum`` (e.g. the SIGTERM of `ray job stop`) into SystemExit so the lease is released on the way out;
+    returns the handler it replaced (None off the main thread, where nothing is changed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signum, lambda *_: sys.exit(128 + signum))
 
 
 def show_plan(cfg: Config) -> None:
@@ -97,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from lpld_ray.lease import RunLease
 
-    lease = None
+    lease, previous_handler = None, None
     try:
         cfg = load_config(args.config, args.overrides)
         stages = parse_stages(args.stages)
@@ -110,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_stage_inputs(cfg, store, stages, plan_class_shards(num_classes, cfg.runner.class_shard_size), args.force_new)
         lease = RunLease(store, cfg.storage)
         lease.acquire()
-        interrupt_on(signal.SIGTERM)
+        previous_handler = interrupt_on(signal.SIGTERM)
         lease.keep_fresh(lambda job: (log.error("another job (%s) took over this run's lease: stopping", job),
                                       signal.raise_signal(signal.SIGTERM)))
         if args.force_new:
@@ -126,5 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if lease is not None:
             lease.release()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     log.info("summary: %s", json.dumps(summary, sort_keys=True))
     return 0

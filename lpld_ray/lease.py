@@ -67,7 +67,9 @@ class RunLease:
         self.record: LeaseRecord | None = None
         self.lost_to: str | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # refresh and release never interleave their writes
         self._thread: threading.Thread | None = None
+        self._refreshed_ok = clock()
 
     def _generations(self) -> list[int]:
         names = (n for n in self.store.list(LEASE_DIR) if n.startswith("gen-") and n.endswith(".json"))
@@ -119,6 +121,10 @@ class RunLease:
 
     def refresh(self) -> bool:
         """Rewrite our lease with the current time; False (and ``lost_to`` set) when a later generation exists."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
         assert self.record is not None, "refresh before acquire"
         newer = [g for g in self._generations() if g > self.record.generation]
         if newer:
@@ -127,6 +133,7 @@ class RunLease:
             return False
         self.record = replace(self.record, refreshed_unix=self.clock())
         self.store.write_bytes(_generation_name(self.record.generation), self._encode(self.record))
+        self._refreshed_ok = self.record.refreshed_unix
         return True
 
     def release(self) -> None:
@@ -137,9 +144,10 @@ class RunLease:
         if self.record is None or self.lost_to is not None:
             return
         try:
-            if self.refresh():
-                self.record = replace(self.record, released=True)
-                self.store.write_bytes(_generation_name(self.record.generation), self._encode(self.record))
+            with self._lock:
+                if self._refresh():
+                    self.record = replace(self.record, released=True)
+                    self.store.write_bytes(_generation_name(self.record.generation), self._encode(self.record))
         except StorageError as err:
             log.warning("could not release the run's lease (it expires after %gs): %s", self.cfg.lease_timeout_s, err)
 
@@ -152,8 +160,13 @@ class RunLease:
                     if not self.refresh():
                         on_lost(self.lost_to or "another job")
                         return
-                except StorageError as err:  # transient: the next refresh tries again
+                except Exception as err:  # noqa: BLE001 - transient unless it lasts: the next refresh tries again
                     log.warning("could not refresh the run's lease: %s", err)
+                stale_for = self.clock() - self._refreshed_ok
+                if stale_for > self.cfg.lease_timeout_s - self.cfg.lease_refresh_s:  # another job may take it over
+                    self.lost_to = f"nobody yet (not refreshed for {stale_for:.0f}s)"
+                    on_lost(self.lost_to)
+                    return
 
         self._thread = threading.Thread(target=loop, name="lpld-lease", daemon=True)
         self._thread.start()

@@ -100,6 +100,9 @@ class ShardWriter:
         self._entries: dict[str, ObjectEntry] = {}
         self._committed = False
         store.delete(_manifest_rel(stage, shard))
+        for name in store.list(f"{stage}/{shard}"):
+            if ".tmp-" in name:  # a local write cut short by a kill
+                store.delete(f"{stage}/{shard}/{name}")
 
     def put(self, name: str, data: bytes) -> None:
         if self._committed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -30,7 +31,7 @@ from lpld_ray.stages import (
 )
 from lpld_ray.errors import LpldError
 from lpld_ray.manifest import current_shard, inputs_digest, read_manifest
-from lpld_ray.storage import Store
+from lpld_ray.storage import Store, storage_options
 from lpld_ray.teacher import TEACHER_SHARD, TEACHER_STAGE, TeacherJob, teacher_state_bytes, teacher_train_loop
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,13 @@ def squeeze_task(data: DataConfig, arch: str, state: bytes, batch_size: int, par
     return squeeze_partition(teacher, data, batch_size, partition, partitions)
 
 
+def raise_user_error(err: ray.exceptions.RayTaskError) -> None:
+    """Re-raise a task's LpldError (e.g. the store became unreachable) as itself: one line, not a traceback."""
+    if isinstance(err.cause, LpldError):
+        raise err.cause from None
+    raise err
+
+
 def run_shard_queue(
     stage: str,
     pending: list[ClassShard],
@@ -174,9 +182,7 @@ def run_shard_queue(
             results.append(ray.get(ready[0]))
             progress.advance()
         except ray.exceptions.RayTaskError as err:
-            if isinstance(err.cause, LpldError):  # e.g. the store became unreachable: one line, not a traceback
-                raise err.cause from None
-            raise
+            raise_user_error(err)
         except ray.exceptions.RayActorError as err:
             attempts[shard.index] += 1
             if attempts[shard.index] > runner.max_shard_retries:
@@ -253,10 +259,10 @@ def run_teacher(cfg: Config, store: Store) -> dict:
     return {"test_top1": manifest.meta["test_top1"]}
 
 
-def run_squeeze(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef) -> dict:
+def run_squeeze(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef, teacher_sha: str) -> dict:
     """Per-class BN sums over data partitions (Ray tasks), reduced and committed per class shard."""
     names = [s.name for s in shards] + [GLOBAL_SHARD]
-    missing = [n for n in names if current_shard(store, STATS_STAGE, n, "") is None]
+    missing = [n for n in names if current_shard(store, STATS_STAGE, n, teacher_sha) is None]
     if not missing:
         log.info("squeeze: all %d stats shards verified; skipping", len(names))
         return {"shards_written": 0}
@@ -272,11 +278,14 @@ def run_squeeze(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
     while pending:
         _ready, pending = ray.wait(pending, num_returns=1)
         progress.advance()
-    sums = ray.get(refs)
+    try:
+        sums = ray.get(refs)
+    except ray.exceptions.RayTaskError as err:
+        raise_user_error(err)
     total = sums[0]
     for part in sums[1:]:  # in partition order, so float64 sums are the same on every run
         total = total + part
-    written = write_stats(store, total, shards, cfg.seed)
+    written = write_stats(store, total, shards, cfg.seed, teacher_sha)
     log.info("squeeze: committed %d stats shards (%d were missing)", written, len(missing))
     return {"shards_written": written}
 
@@ -305,11 +314,13 @@ def run_recover(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
     return {"shards_done": len(pending), "contact_sheet": store.uri("report/contact_sheet.png")}
 
 
-def run_relabel(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef, num_classes: int) -> dict:
+def run_relabel(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef, num_classes: int,
+                teacher_sha: str) -> dict:
     """One label shard per class shard; every images shard must exist (CutMix partners come from any class)."""
     from lpld_ray.labels import LABELS_STAGE
 
-    inputs = inputs_digest(store, (IMAGES_STAGE,), [s.name for s in shards])  # CutMix partners come from any shard
+    images = inputs_digest(store, (IMAGES_STAGE,), [s.name for s in shards])  # CutMix partners come from any shard
+    inputs = hashlib.sha256(f"{images}:{teacher_sha}".encode()).hexdigest()
     pending = [s for s in shards if current_shard(store, LABELS_STAGE, s.name, inputs) is None]
     log.info("relabel: %d of %d class shards to do", len(pending), len(shards))
     if pending:
@@ -363,21 +374,22 @@ def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int)
     shards = plan_class_shards(num_classes, cfg.runner.class_shard_size)
     init_ray()
     summary: dict[str, dict] = {}
-    state_ref = None
+    state_ref, teacher_sha = None, ""
     for stage in STAGE_ORDER:
         if stage not in stages:
             continue
         started = time.time()
         if stage in ("squeeze", "recover", "relabel") and state_ref is None:
-            state_ref = ray.put(teacher_state_bytes(store, cfg.teacher))
+            state = teacher_state_bytes(store, cfg.teacher, storage_options(cfg.storage, cfg.teacher.weights or ""))
+            state_ref, teacher_sha = ray.put(state), hashlib.sha256(state).hexdigest()  # in the object store once
         if stage == "teacher":
             summary[stage] = run_teacher(cfg, store)
         elif stage == "squeeze":
-            summary[stage] = run_squeeze(cfg, store, shards, state_ref)
+            summary[stage] = run_squeeze(cfg, store, shards, state_ref, teacher_sha)
         elif stage == "recover":
             summary[stage] = run_recover(cfg, store, shards, state_ref)
         elif stage == "relabel":
-            summary[stage] = run_relabel(cfg, store, shards, state_ref, num_classes)
+            summary[stage] = run_relabel(cfg, store, shards, state_ref, num_classes, teacher_sha)
         elif stage == "train":
             summary[stage] = run_train(cfg, store, shards)
         else:

@@ -17,7 +17,7 @@ from lpld_ray.config import DataConfig, RecoverConfig
 from lpld_ray.data import ClassDataset, ImageSpec, load_dataset, normalize
 from lpld_ray.recover import BNTarget, across_class_groups, class_wise_groups, recover_groups
 from lpld_ray.squeeze import BNSums, accumulate_bn_sums
-from lpld_ray.manifest import ShardWriter, list_shards, read_manifest, read_object, verify_shard
+from lpld_ray.manifest import ShardWriter, current_shard, list_shards, read_manifest, read_object, verify_shard
 from lpld_ray.storage import Store, shard_name
 
 log = logging.getLogger(__name__)
@@ -62,17 +62,18 @@ def squeeze_partition(
     return accumulate_bn_sums(teacher, batches, train_set.num_classes)
 
 
-def write_stats(store: Store, sums: BNSums, shards: list[ClassShard], seed: int) -> int:
-    """Commit the stats of every class shard (and the global row) whose manifest does not verify."""
+def write_stats(store: Store, sums: BNSums, shards: list[ClassShard], seed: int, inputs: str = "") -> int:
+    """Commit the stats of every class shard (and the global row) not already there for these ``inputs``
+    (the teacher's digest)."""
     written = 0
     units = [(s.name, sums.select(list(s.class_ids)), list(s.class_ids)) for s in shards]
     units.append((GLOBAL_SHARD, sums.total(), []))
     for name, part, classes in units:
-        if verify_shard(store, STATS_STAGE, name) is not None:
+        if current_shard(store, STATS_STAGE, name, inputs) is not None:
             continue
         writer = ShardWriter(store, STATS_STAGE, name)
         writer.put(STATS_OBJECT, part.to_bytes())
-        writer.commit(seed, {"classes": classes})
+        writer.commit(seed, {"classes": classes, "inputs": inputs})
         written += 1
     return written
 

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import logging
 import os
+import uuid
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -107,11 +108,23 @@ def storage_errors(uri: str, action: str, options: dict | None = None) -> Iterat
         raise StorageError(f"access denied while {action} '{uri}': check the credentials (AWS_* environment "
                            "variables or the storage: section) and the bucket's permissions") from None
     except Exception as err:
-        if not any(c.__name__ in _UNREACHABLE for c in type(err).__mro__):
+        names = {c.__name__ for c in type(err).__mro__}
+        if names & {"NoCredentialsError", "PartialCredentialsError"}:
+            raise StorageError(f"no credentials for '{uri}': set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the "
+                               "storage: section") from None
+        if not names & _UNREACHABLE:
             raise
-        attempts = (options or {}).get("config_kwargs", {}).get("retries", {}).get("max_attempts", "several")
+        retries = (options or {}).get("config_kwargs", {}).get("retries", {}).get("max_attempts", "several")
         raise StorageError(f"object store unreachable while {action} '{uri}' (endpoint {_endpoint(uri, options)}, "
-                           f"{attempts} attempts): {type(err).__name__}; re-run the same command once it is back") from None
+                           f"{retries} retries): {type(err).__name__}; re-run the same command once it is back") from None
+
+
+def _write_temp(path: str, data: bytes) -> str:
+    """``data`` in a new temporary file beside ``path``; returns its name."""
+    temp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with open(temp, "xb") as f:
+        f.write(data)
+    return temp
 
 
 def read_uri_bytes(uri: str, options: dict | None = None) -> bytes:
@@ -182,10 +195,15 @@ class Store:
             raise StorageError(f"bucket '{bucket}' of run directory '{self.root}' does not exist: create it, or fix --run-dir") from None
 
     def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write one object; a reader sees the old bytes or the new ones, never a partial file (an S3 PUT is
+        atomic; locally the bytes go to a temporary file first)."""
         path = self._path(rel)
         self._mkparent(path)
         with self._errors("writing", rel):
-            self._fs.pipe_file(path, bytes(data))
+            if self._local:
+                os.replace(_write_temp(path, bytes(data)), path)
+            else:
+                self._fs.pipe_file(path, bytes(data))
 
     def read_bytes(self, rel: str) -> bytes:
         with self._errors("reading", rel):
@@ -237,9 +255,17 @@ class Store:
         """Write ``data`` only if ``rel`` is absent (S3 If-None-Match, local 'xb'); False when it already existed."""
         path = self._path(rel)
         self._mkparent(path)
-        opener = open if self._local else self._fs.open
+        if self._local:  # complete bytes appear at once: a hard link fails if the name exists
+            temp = _write_temp(path, bytes(data))
+            try:
+                os.link(temp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(temp)
         try:
-            with self._errors("creating", rel), opener(path, "xb") as f:
+            with self._errors("creating", rel), self._fs.open(path, "xb") as f:
                 f.write(bytes(data))
             return True
         except FileExistsError:

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ class StudentJob:
     data: DataConfig
     train: TrainConfig
     store_root: str
-    storage_options: dict | None
+    storage_options: dict | None = field(repr=False)  # may hold credentials: never in a repr
     seed: int
     ipc: int
     inputs: str = ""

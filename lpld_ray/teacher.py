@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,7 +33,7 @@ class TeacherJob:
     data: DataConfig
     teacher: TeacherConfig
     store_root: str
-    storage_options: dict | None
+    storage_options: dict | None = field(repr=False)  # may hold credentials: never in a repr
     seed: int
 
 
@@ -81,13 +81,13 @@ def teacher_train_loop(job: TeacherJob) -> None:
         ray.train.report(metrics)
 
 
-def teacher_state_bytes(store: "Store", cfg: TeacherConfig) -> bytes:
+def teacher_state_bytes(store: "Store", cfg: TeacherConfig, weights_options: dict | None = None) -> bytes:
     """The teacher's state dict bytes: the user's weights if given, else the run's verified teacher shard."""
     from lpld_ray.manifest import read_object, verify_shard
     from lpld_ray.storage import read_uri_bytes
 
     if cfg.weights:
-        return read_uri_bytes(cfg.weights, store.storage_options)
+        return read_uri_bytes(cfg.weights, weights_options)
     manifest = verify_shard(store, TEACHER_STAGE, TEACHER_SHARD)
     if manifest is None:
         raise LpldError("no teacher in the run and no teacher.weights given: run the teacher stage or set teacher.weights")

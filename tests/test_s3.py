@@ -64,9 +64,9 @@ def test_unreachable_store_fails_after_bounded_retries_then_recovers(moto_s3):
     try:
         started = time.time()
         with pytest.raises(StorageError, match=r"object store unreachable while reading 's3://.*/run/images/a.bin' "
-                                               r"\(endpoint http://127.0.0.1:\d+, 2 attempts\)") as err:
+                                               r"\(endpoint http://127.0.0.1:\d+, 2 retries\)") as err:
             store.read_bytes("images/a.bin")
-        assert time.time() - started < 60  # bounded: 2 attempts with a 1 s connect timeout
+        assert time.time() - started < 60  # bounded: 2 retries with a 1 s connect timeout
         assert moto_s3.secret_key not in str(err.value)
         with pytest.raises(StorageError, match="unreachable while writing"):
             store.write_bytes("images/b.bin", b"new")
