@@ -48,7 +48,7 @@ def check_run_record(store: Store, cfg: Config) -> bool:
         raise LpldError(
             f"'{store.uri(RUN_RECORD)}' has schema_version {version!r}; this lpld_ray reads up to {RUN_SCHEMA_VERSION}: upgrade lpld_ray or use a new --run-dir"
         )
-    diff = result_key_diff(old_config, config_to_dict(cfg))
+    diff = result_key_diff(with_defaults(old_config), config_to_dict(cfg))
     if diff:
         raise LpldError(
             f"run directory '{store.root}' holds a run with a different config in {', '.join(diff)}: "
@@ -56,6 +56,15 @@ def check_run_record(store: Store, cfg: Config) -> bool:
         )
     log.info("resuming the run at %s", store.root)
     return True
+
+
+def with_defaults(old_config: dict) -> dict:
+    """A stored config with keys added since it was written set to their defaults (which keep the old behaviour);
+    as stored when it no longer validates, so that the comparison names what differs."""
+    try:
+        return config_to_dict(config_from_dict(old_config))
+    except (LpldError, ValueError, TypeError):
+        return old_config
 
 
 def write_run_record(store: Store, cfg: Config) -> None:

@@ -165,11 +165,16 @@ class Store:
             raise StorageError(f"object name '{rel}' contains '..': names must stay inside the run root")
         return join_uri(self._base, rel)
 
-    def _fresh(self, rel: str) -> str:
-        """Path of ``rel`` with listing caches dropped: other processes write the same store."""
+    def _fresh(self, rel: str, tree: bool = False) -> str:
+        """Path of ``rel`` with the listing caches of it and its parents (and with ``tree``, of everything under it)
+        dropped: other processes write the same store, and s3fs answers from a stale listing otherwise."""
         path = self._path(rel)
         if not self._local:
             self._fs.invalidate_cache(path)
+            if tree:
+                under = path.rstrip("/") + "/"
+                for cached in [k for k in self._fs.dircache if k.startswith(under)]:
+                    self._fs.dircache.pop(cached, None)
         return path
 
     def _mkparent(self, path: str) -> None:
@@ -207,7 +212,7 @@ class Store:
 
     def read_bytes(self, rel: str) -> bytes:
         with self._errors("reading", rel):
-            return self._fs.cat_file(self._path(rel))
+            return self._fs.cat_file(self._fresh(rel))
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
@@ -246,7 +251,7 @@ class Store:
         return len(names)
 
     def list(self, rel_prefix: str) -> list[str]:
-        prefix = self._fresh(rel_prefix).rstrip("/") + "/"
+        prefix = self._fresh(rel_prefix, tree=True).rstrip("/") + "/"
         with self._errors("listing", rel_prefix):
             found = self._fs.find(prefix.rstrip("/") or "/")
         return sorted(p[len(prefix):] for p in found if p.startswith(prefix) and not p.endswith("/"))

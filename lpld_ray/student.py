@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -89,10 +88,9 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, chec
     return int(state["epoch"])
 
 
-def _checkpoint(model: nn.Module, optimizer, scheduler, epoch: int):
+def _checkpoint(folder: str, model: nn.Module, optimizer, scheduler, epoch: int):
     from ray.train import Checkpoint
 
-    folder = tempfile.mkdtemp(prefix="lpld-ckpt-")
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
     torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
     return Checkpoint.from_directory(folder)
@@ -144,10 +142,9 @@ def student_train_loop(job: StudentJob) -> None:
             log.info("student epoch %d/%d loss %.4f test top-1 %.4f", done, cfg.epochs, loss, metrics["test_top1"])
         due_checkpoint = done % cfg.checkpoint_every == 0 or done == cfg.epochs
         if due_checkpoint or "test_top1" in metrics:  # every rank reports on the same epochs (a barrier)
-            checkpoint = _checkpoint(bare, optimizer, scheduler, done) if rank == 0 and due_checkpoint else None
-            ray.train.report(metrics, checkpoint=checkpoint)
-            if checkpoint is not None:
-                shutil.rmtree(checkpoint.path, ignore_errors=True)  # persisted by report; drop the local copy
+            with tempfile.TemporaryDirectory(prefix="lpld-ckpt-") as folder:  # persisted by report, then dropped
+                checkpoint = _checkpoint(folder, bare, optimizer, scheduler, done) if rank == 0 and due_checkpoint else None
+                ray.train.report(metrics, checkpoint=checkpoint)
     if rank == 0:
         writer = ShardWriter(store, STUDENT_STAGE, STUDENT_SHARD)
         writer.put(STUDENT_OBJECT, save_weights_bytes(bare))

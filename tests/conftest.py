@@ -254,6 +254,24 @@ def cluster_processes(ray_cluster: RayCluster, title: str) -> list:
     return found
 
 
+def registered_checkpoint_epoch(train_dir: Path) -> int:
+    """The epoch of the newest checkpoint Ray Train has registered (its own snapshot file); 0 when none.
+
+    A checkpoint folder can exist before the Train controller has registered it; only a registered one is
+    handed to a restarted worker group or a resumed run."""
+    import json
+
+    epochs = [0]
+    for snapshot in train_dir.glob("ray_train-*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except (OSError, ValueError):  # being rewritten
+            continue
+        if latest:
+            epochs.append(int(latest["metrics"]["epoch"]))
+    return max(epochs)
+
+
 def wait_until(condition, timeout: float, what: str, every: float = 0.2):
     """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
     deadline = time.time() + timeout

@@ -116,3 +116,20 @@ def test_storage_and_failure_budget_do_not_block_a_resume():
     moved = config_to_dict(load_config(None, ["storage.endpoint_url=http://other:9000", "storage.retries=9",
                                               "train.max_failures=0"]))
     assert result_key_diff(base, moved) == []
+
+
+def test_a_run_recorded_before_a_key_existed_resumes_when_the_key_keeps_its_default(tmp_path):
+    import yaml
+
+    from lpld_ray.errors import LpldError
+    from lpld_ray.run_record import check_run_record, write_run_record
+    from lpld_ray.storage import Store
+
+    store = Store(str(tmp_path))
+    write_run_record(store, load_config(None))
+    record = yaml.safe_load(store.read_text("run.yaml"))
+    del record["config"]["recover"]["precision"]  # as written by a version before recover.precision
+    store.write_text("run.yaml", yaml.safe_dump(record))
+    assert check_run_record(store, load_config(None))
+    with pytest.raises(LpldError, match="different config in recover.precision"):
+        check_run_record(store, load_config(None, ["recover.precision=bf16"]))

@@ -7,7 +7,7 @@ import time
 import uuid
 
 import pytest
-from conftest import job_args, tree_snapshot
+from conftest import job_args, registered_checkpoint_epoch, tree_snapshot
 
 from lpld_ray.manifest import list_shards, verify_shard
 from lpld_ray.storage import Store
@@ -103,8 +103,8 @@ def test_training_resumes_from_checkpoint(ray_cluster, finished_run, tmp_path):
     assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
     train_dir = run_dir / "train"
     deadline = time.time() + 600
-    # wait for a second checkpoint folder: by then the first is registered with Ray Train (a folder alone may not be)
-    while time.time() < deadline and len(list(train_dir.glob("ray_train-*/checkpoint_*"))) < 2:
+    # wait until Ray Train has registered a checkpoint (a checkpoint folder alone may not be registered yet)
+    while time.time() < deadline and registered_checkpoint_epoch(train_dir) < 20:
         status = ray_cluster.status(job_id)
         assert status in ("PENDING", "RUNNING"), status
         time.sleep(0.5)

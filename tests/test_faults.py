@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, cluster_processes, job_args, tree_snapshot, wait_until
+from conftest import REPO, cluster_processes, job_args, registered_checkpoint_epoch, tree_snapshot, wait_until
 
 from lpld_ray.manifest import MANIFEST_NAME, copy_stage, list_shards, verify_shard
 from lpld_ray.storage import Store
@@ -155,7 +155,7 @@ def test_train_worker_kill_resumes_from_checkpoint_and_second_job_is_refused(ray
                                              "train.eval_every=300")]
     job_id = f"kill-train-{uuid.uuid4().hex[:8]}"
     assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
-    wait_until(lambda: len(list((run_dir / "train").glob("ray_train-*/checkpoint_*"))) >= 2, 600, "two checkpoints")
+    wait_until(lambda: registered_checkpoint_epoch(run_dir / "train") >= 10, 600, "a registered checkpoint")
     (worker,) = cluster_processes(ray_cluster, "RayTrainWorker")
     worker.send_signal(signal.SIGKILL)
     second = ray_cluster.submit(args)  # while the first job recovers its worker group and trains on

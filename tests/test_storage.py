@@ -354,6 +354,10 @@ def test_s3_round_trip_with_moto():
         other = Store(store.root, dict(opts, skip_instance_cache=True))
         redone = _write_shard(other)
         assert verify_shard(store, "images", "shard-00003") == redone
+        assert "shard-00003/c.bin" not in store.list("images")  # a listing of the parent caches the shard's too
+        other.write_bytes("images/shard-00003/c.bin", b"late")
+        assert "shard-00003/c.bin" in store.list("images")
+        assert store.read_bytes("images/shard-00003/c.bin") == b"late"
         fs, path = store.pyarrow_fs()
         assert path == f"{bucket}/run"
         with fs.open_output_stream(f"{path}/train/x.bin") as out:
