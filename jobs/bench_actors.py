@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -19,6 +17,7 @@ from lpld_ray.config import load_config  # noqa: E402
 from lpld_ray.manifest import copy_stage  # noqa: E402
 from lpld_ray.runner import run_pipeline  # noqa: E402
 from lpld_ray.storage import Store  # noqa: E402
+from lpld_ray.machine import describe_machine  # noqa: E402
 
 log = logging.getLogger("bench_actors")
 
@@ -56,7 +55,7 @@ def main() -> None:
             log.info("%d actor(s): %.1fs", workers, runs[-1]["seconds"])
     best = {w: min(r["seconds"] for r in runs if r["workers"] == w) for w in args.workers}
     base = best[args.workers[0]]
-    result = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    result = {"machine": describe_machine(),
               "work": overrides[:4], "runs": runs, "best_seconds": best,
               "speedup_vs_first": {w: round(base / s, 3) for w, s in best.items()}}
     (out / "bench_actors.json").write_text(json.dumps(result, indent=2))

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from lpld_ray.config import load_config  # noqa: E402
 from lpld_ray.labels import LabelPoolDataset, label_bytes, records_to_table, sample_view, view_counts  # noqa: E402
 from lpld_ray.models import build_model  # noqa: E402
 from lpld_ray.student import SoftTargetKLLoss  # noqa: E402
+from lpld_ray.machine import describe_machine  # noqa: E402
 
 log = logging.getLogger("bench_loader")
 
@@ -103,7 +103,7 @@ def main() -> None:
     batch = next(iter(DataLoader(pool, batch_size=args.batch_size)))
     student = round(student_rate(cfg.train.arch, args.classes, args.size, batch, args.steps), 1)
     result = {
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads",
+        "machine": describe_machine(),
         "pool": {"classes": args.classes, "ipc": args.ipc, "size": args.size, "epochs": args.epochs,
                  "compression": args.compression, "records": len(table), "mix": cfg.relabel.mix},
         "memory_bytes": pool_bytes(pool, table),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from lpld_ray.data import ImageSpec  # noqa: E402
 from lpld_ray.models import build_model  # noqa: E402
 from lpld_ray.recover import BNTarget, class_wise_groups, recover_groups  # noqa: E402
 from lpld_ray.squeeze import accumulate_bn_sums  # noqa: E402
+from lpld_ray.machine import describe_machine  # noqa: E402
 
 log = logging.getLogger("bench_recover")
 
@@ -79,7 +79,7 @@ def main() -> None:
     work = args.classes * args.ipc * args.iterations
     best = {k: min(v) for k, v in rows.items()}
     report = {
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
+        "machine": describe_machine(),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "arch": args.arch, "size": args.size, "classes": args.classes, "ipc": args.ipc, "iterations": args.iterations,
         "classes_per_pass": per_pass,

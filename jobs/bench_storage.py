@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import tempfile
 import time
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lpld_ray.cli import main as distill  # noqa: E402
 from lpld_ray.config import StorageConfig  # noqa: E402
 from lpld_ray.storage import Store, storage_options  # noqa: E402
+from lpld_ray.machine import describe_machine  # noqa: E402
 
 log = logging.getLogger("bench_storage")
 
@@ -87,7 +87,7 @@ def main() -> None:
             run["objects"] = len(store.list(""))
     finally:
         server.stop()
-    result = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {platform.python_version()}",
+    result = {"machine": describe_machine(),
               "local": local, "s3_moto": s3, "ratio_s3_over_local": round(s3["wall_seconds"] / local["wall_seconds"], 3),
               "stage_ratios": {k: round(s3["stages"][k] / v, 3) for k, v in local["stages"].items() if v > 0}}
     (folder / "bench_storage.json").write_text(json.dumps(result, indent=2))
