@@ -1,4 +1,4 @@
-"""Benchmark: label-pool loader samples/s against the student's training step rate, and the pool's memory per worker."""
+"""Benchmark: the per-epoch label-pool loader (one rank of W) against the whole pool in memory, and the student's step rate."""
 
 from __future__ import annotations
 
@@ -7,19 +7,25 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lpld_ray.config import load_config  # noqa: E402
-from lpld_ray.labels import LabelPoolDataset, label_bytes, records_to_table, sample_view, view_counts  # noqa: E402
-from lpld_ray.models import build_model  # noqa: E402
-from lpld_ray.student import SoftTargetKLLoss  # noqa: E402
+from lpld_ray.labels import LABELS_OBJECT, LABELS_STAGE, epoch_order, records_to_table, sample_view, table_to_parquet, view_counts  # noqa: E402
 from lpld_ray.machine import describe_machine  # noqa: E402
+from lpld_ray.manifest import ShardWriter  # noqa: E402
+from lpld_ray.models import build_model  # noqa: E402
+from lpld_ray.pool import ImageSource, LabelPool, LabelShards  # noqa: E402
+from lpld_ray.stages import IMAGES_STAGE, encode_png, image_object_name  # noqa: E402
+from lpld_ray.storage import Store, shard_name  # noqa: E402
+from lpld_ray.student import SoftTargetKLLoss  # noqa: E402
 
 log = logging.getLogger("bench_loader")
 
@@ -32,48 +38,74 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--epochs", type=int, default=300, help="E: views per image at k = 1")
     p.add_argument("--compression", type=float, default=40)
+    p.add_argument("--class-shard-size", type=int, default=10)
+    p.add_argument("--world", type=int, default=8, help="training workers W; the loader of rank 0 is timed")
+    p.add_argument("--image-cache-mb", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--loader-workers", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--loader-workers", nargs="+", type=int, default=[0, 2])
     p.add_argument("--steps", type=int, default=20, help="timed batches / optimizer steps after one warm-up")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--store", help="where to write the synthetic pool (default: a temporary folder)")
     return p.parse_args()
 
 
-def synthetic_pool(args: argparse.Namespace, relabel_cfg) -> tuple[LabelPoolDataset, "pa.Table"]:  # noqa: F821
-    """A pool of the real record format: random images and fp16 logits, views drawn by the relabel recipe."""
+def write_pool(store: Store, args: argparse.Namespace, relabel_cfg) -> None:
+    """A pool in the real layout: one PNG per image and one slot-ordered label shard per class shard,
+    random pixels and fp16 logits, views drawn by the relabel recipe."""
     num_images = args.classes * args.ipc
     counts = view_counts(num_images, args.epochs, args.compression, seed=0)
-    views = [sample_view(0, i, v, num_images, args.size, relabel_cfg) for i in range(num_images) for v in range(int(counts[i]))]
-    table = records_to_table(views, torch.randn(len(views), args.classes).half(), args.classes)
-    images = {i: torch.rand(3, args.size, args.size) for i in range(num_images)}
-    return LabelPoolDataset(images, table, args.size), table
+    gen = torch.Generator().manual_seed(0)
+    for index, first in enumerate(range(0, args.classes, args.class_shard_size)):
+        classes = range(first, min(first + args.class_shard_size, args.classes))
+        images = ShardWriter(store, IMAGES_STAGE, shard_name(index))
+        views = []
+        for c in classes:
+            for i in range(args.ipc):
+                images.put(image_object_name(c, i), encode_png(torch.rand(3, args.size, args.size, generator=gen)))
+                image_id = c * args.ipc + i
+                views += [sample_view(0, image_id, v, num_images, args.size, relabel_cfg) for v in range(int(counts[image_id]))]
+        images.commit(0, {})
+        order, groups = epoch_order(views, counts)
+        table = records_to_table([views[j] for j in order], torch.randn(len(views), args.classes).half(), args.classes)
+        labels = ShardWriter(store, LABELS_STAGE, shard_name(index))
+        labels.put(LABELS_OBJECT, table_to_parquet(table, groups))
+        labels.commit(0, {})
 
 
-def pool_bytes(pool: LabelPoolDataset, table: "pa.Table") -> dict[str, int]:  # noqa: F821
-    """What one training worker holds today: every image (float32) and every record (Arrow, in memory)."""
-    images = sum(t.numel() * t.element_size() for t in pool.images.values())
-    return {"images_in_memory": images, "records_in_memory": table.nbytes, "total": images + table.nbytes,
-            "stored_label_bytes": label_bytes(table)["total"]}
+def whole_pool_bytes(store: Store, pool: LabelPool) -> dict[str, int]:
+    """The baseline: every image as float32 and every record in memory, as the loader before this one held them."""
+    shards = LabelShards(store)
+    records = sum(shards.read_rows(name, np.arange(shards.row_group_starts(name)[-1])).nbytes
+                  for name in shards.names)
+    images = len(pool) * 4 * pool.images.image_bytes
+    return {"images_float32": images, "records": records, "total": images + records}
 
 
-def epochs_of(pool: LabelPoolDataset, loader: DataLoader):
-    """Batches over as many epochs as asked for, each epoch through its own views (as the student loop does)."""
+def epoch_batches(pool: LabelPool, sampler: DistributedSampler, loader: DataLoader, stats: dict):
+    """Batches of rank 0 over as many epochs as asked for, each read by set_epoch (its time goes into ``stats``)."""
     epoch = 0
     while True:
-        pool.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        pool.set_epoch(epoch, list(sampler))
+        stats.setdefault("set_epoch_s", []).append(round(time.perf_counter() - started, 3))
         yield from loader
         epoch += 1
 
 
-def loader_rate(pool: LabelPoolDataset, batch_size: int, workers: int, steps: int) -> float:
-    """Samples/s of a shuffled DataLoader over the pool, after its first batch (worker start-up excluded)."""
-    loader = DataLoader(pool, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
-    batches = epochs_of(pool, loader)
+def loader_rate(pool: LabelPool, args: argparse.Namespace, workers: int) -> dict:
+    """Samples/s of rank 0's loader, epoch reads included, after its first batch (worker start-up excluded)."""
+    sampler = DistributedSampler(pool, num_replicas=args.world, rank=0, shuffle=True, seed=0)
+    loader = DataLoader(pool, batch_size=args.batch_size, sampler=sampler, num_workers=workers, drop_last=True)
+    stats: dict = {}
+    batches = epoch_batches(pool, sampler, loader, stats)
     next(batches)
-    started = time.perf_counter()
-    for _ in range(steps):
+    read_before, started = pool.shards.bytes_read, time.perf_counter()
+    for _ in range(args.steps):
         next(batches)
-    return steps * batch_size / (time.perf_counter() - started)
+    rate = args.steps * args.batch_size / (time.perf_counter() - started)
+    return {"samples_per_s": round(rate, 1), "set_epoch_s": stats["set_epoch_s"], "memory": pool.memory_bytes(),
+            "label_bytes_read_after_warmup": pool.shards.bytes_read - read_before}
 
 
 def student_rate(arch: str, classes: int, size: int, batch: tuple[torch.Tensor, torch.Tensor], steps: int) -> float:
@@ -96,20 +128,29 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, [f"relabel.compression={args.compression}"])
-    started = time.perf_counter()
-    pool, table = synthetic_pool(args, cfg.relabel)
-    log.info("pool of %d records built in %.1fs", len(table), time.perf_counter() - started)
-    loaders = {w: round(loader_rate(pool, args.batch_size, w, args.steps), 1) for w in args.loader_workers}
-    batch = next(iter(DataLoader(pool, batch_size=args.batch_size)))
+    with tempfile.TemporaryDirectory(prefix="lpld-bench-loader-") as folder:
+        store = Store(args.store or folder)
+        started = time.perf_counter()
+        write_pool(store, args, cfg.relabel)
+        log.info("pool written in %.1fs", time.perf_counter() - started)
+        pool = LabelPool(LabelShards(store), ImageSource(store, args.ipc, args.image_cache_mb << 20), args.size)
+        loaders = {w: loader_rate(pool, args, w) for w in args.loader_workers}
+        baseline = whole_pool_bytes(store, pool)
+        pool.set_epoch(0)
+        batch = next(iter(DataLoader(pool, batch_size=args.batch_size)))
+        parquet_bytes = sum(store.size(f"{LABELS_STAGE}/{n}/{LABELS_OBJECT}") for n in pool.shards.names)
     student = round(student_rate(cfg.train.arch, args.classes, args.size, batch, args.steps), 1)
+    per_epoch = max(v["memory"]["index"] + v["memory"]["epoch_records"] + v["memory"]["image_cache"] for v in loaders.values())
     result = {
         "machine": describe_machine(),
         "pool": {"classes": args.classes, "ipc": args.ipc, "size": args.size, "epochs": args.epochs,
-                 "compression": args.compression, "records": len(table), "mix": cfg.relabel.mix},
-        "memory_bytes": pool_bytes(pool, table),
-        "loader_samples_per_s": loaders,
+                 "compression": args.compression, "world": args.world, "images": len(pool),
+                 "label_parquet_bytes": parquet_bytes},
+        "loader": loaders,
+        "memory_bytes": {"per_epoch_loader_rank0": per_epoch, "whole_pool_baseline": baseline,
+                         "baseline_over_loader": round(baseline["total"] / per_epoch, 2)},
         "student_samples_per_s": {"arch": cfg.train.arch, "batch_size": args.batch_size, "rate": student},
-        "loader_over_student": {w: round(rate / student, 2) for w, rate in loaders.items()},
+        "loader_over_student": {w: round(v["samples_per_s"] / student, 2) for w, v in loaders.items()},
     }
     log.info("%s", json.dumps(result, indent=2))
 

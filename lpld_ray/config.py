@@ -172,6 +172,8 @@ class TrainConfig:
     num_workers: int = 1
     cpus_per_worker: int = 2
     max_failures: int = 3
+    loader_workers: int = 0  # DataLoader processes per Ray Train worker
+    image_cache_mb: int = 1024  # decoded images a training worker keeps between epochs
 
     def __post_init__(self) -> None:
         require_choice("train.arch", self.arch, ARCHS)
@@ -190,6 +192,8 @@ class TrainConfig:
         require(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")
         require(self.cpus_per_worker >= 1, "train.cpus_per_worker", self.cpus_per_worker, "an integer >= 1")
         require(self.max_failures >= 0, "train.max_failures", self.max_failures, "an integer >= 0 (worker failures Ray Train recovers from)")
+        require(self.loader_workers >= 0, "train.loader_workers", self.loader_workers, "an integer >= 0")
+        require(self.image_cache_mb >= 0, "train.image_cache_mb", self.image_cache_mb, "an integer >= 0 (MiB)")
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,8 @@ RESUME_NEUTRAL_KEYS = frozenset(
         "train.checkpoint_every",
         "train.cpus_per_worker",
         "train.max_failures",
+        "train.loader_workers",
+        "train.image_cache_mb",
     }
 )
 # Where and how the run is stored does not change its results.

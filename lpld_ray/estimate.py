@@ -79,6 +79,33 @@ def image_bytes(num_images: int, channels: int, size: int) -> int:
     return round(num_images * channels * size * size * PNG_BYTES_PER_VALUE)
 
 
+@dataclass(frozen=True)
+class LoaderMemory:
+    """The label-pool loader's bound per training worker (lpld_ray.pool): nothing in it grows with E/k but the index."""
+
+    index: int  # per image: id, shard, first row, view count, epoch slot (36 B); per stored view: its row (4 B)
+    epoch_records: int  # this rank's N/W records of one epoch
+    image_cache: int  # train.image_cache_mb
+    batches: int  # float32 batches in flight: the one in use and two prefetched per DataLoader worker
+    epoch_read: int  # while set_epoch runs: the Arrow copy of the records and one decoded row group
+
+    @property
+    def total(self) -> int:
+        return self.index + self.epoch_records + self.image_cache + self.batches + self.epoch_read
+
+
+def loader_memory(cfg: Config, shape: DatasetShape) -> LoaderMemory:
+    images = shape.num_classes * cfg.recover.ipc
+    views = max(images, round(images * cfg.relabel.epochs / cfg.relabel.compression))
+    per_rank = -(-images // cfg.train.num_workers)
+    sample = shape.channels * shape.size ** 2 * 4 + shape.num_classes * 4
+    in_flight = 1 + 2 * cfg.train.loader_workers
+    record = label_record_bytes(shape.num_classes)
+    row_group = cfg.runner.class_shard_size * cfg.recover.ipc * record  # one view slot of one class shard
+    return LoaderMemory(36 * images + 4 * views, per_rank * record, cfg.train.image_cache_mb << 20,
+                        in_flight * cfg.train.batch_size * sample, per_rank * record + row_group)
+
+
 def activation_bytes(model: nn.Module, batch: int, channels: int, size: int) -> int:
     """fp32 bytes of every leaf module's output for one forward pass, from shapes only (meta tensors)."""
     total = 0
@@ -122,7 +149,7 @@ def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
 
     shards = len(plan_class_shards(shape.num_classes, cfg.runner.class_shard_size))
     images = shape.num_classes * cfg.recover.ipc
-    memory = peak_memory(cfg, shape)
+    memory, loader = peak_memory(cfg, shape), loader_memory(cfg, shape)
     seen = "unknown here" if shape.train_images is None else f"{shape.train_images:,}"
     lines = [
         f"dataset: {shape.num_classes:,} classes, {shape.channels}x{shape.size}x{shape.size}, train images {seen}",
@@ -141,6 +168,9 @@ def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
         f"train: {cfg.train.epochs} epochs, {cfg.train.num_workers} Ray Train workers",
         f"peak memory per worker (fp32 estimate): recover {human(memory.recover)}, "
         f"relabel {human(memory.relabel)}, train {human(memory.train)}",
+        f"train loader per worker (bound): {human(loader.total)} = index {human(loader.index)} + one epoch's records "
+        f"{human(loader.epoch_records)} + image cache {human(loader.image_cache)} + batches {human(loader.batches)} "
+        f"+ while an epoch is read {human(loader.epoch_read)}",
         f"actors: {actors}",
     ]
     return lines

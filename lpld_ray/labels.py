@@ -1,4 +1,4 @@
-"""The pruned soft-label pool: per-image view counts, seeded views, relabelling to Parquet, and its Dataset."""
+"""The pruned soft-label pool: per-image view counts, seeded views, and relabelling to Parquet records."""
 
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from lpld_ray.augment import CropBox, randint, resized_crop, sample_crop, uniform
-from lpld_ray.config import VIEW_SAMPLING, RelabelConfig
+from lpld_ray.config import RelabelConfig
 from lpld_ray.errors import StorageError
 from lpld_ray.manifest import ShardWriter, read_object, verify_shard
 from lpld_ray.storage import Store
@@ -30,11 +29,10 @@ LABEL_SCHEMA_VERSION = 1
 VERSION_KEY = b"lpld_label_schema_version"
 NUM_CLASSES_KEY = b"num_classes"
 MIX_CODES = {"none": 0, "cutmix": 1, "cutout": 2}
-_VIEW_STREAM, _DRAW_STREAM = 1, 2
-_BOX_FIELDS = ("crop", "partner_crop", "mix_box")
+_VIEW_STREAM, DRAW_STREAM = 1, 2
 
-__all__ = ["RelabelConfig", "ViewParams", "LabelPoolDataset", "view_counts", "sample_view", "compose_view",
-           "relabel_shard", "records_to_table", "read_label_table", "read_label_shard", "label_bytes",
+__all__ = ["RelabelConfig", "ViewParams", "view_counts", "sample_view", "compose_view",
+           "relabel_shard", "records_to_table", "epoch_order", "read_label_table", "read_label_shard", "label_bytes",
            "label_schema", "image_id_of"]
 
 
@@ -159,7 +157,7 @@ def _crop_flip(image: Tensor, box: CropBox, flip: bool, size: int) -> Tensor:
 def compose_view(image: Tensor, partner: Tensor | None, view: ViewParams, size: int) -> Tensor:
     """The augmented [C,size,size] view: crop, resize, flip; then CutMix paste or Cutout zeroing.
 
-    The one function used at relabel time and by :class:`LabelPoolDataset`; give it the decoded PNGs
+    The one function used at relabel time and by :class:`lpld_ray.pool.LabelPool`; give it the decoded PNGs
     (CPU tensors in [0,1]) in both places and the views are bit-identical.
     """
     out = _crop_flip(image, view.crop, view.flip, size)
@@ -212,10 +210,38 @@ def records_to_table(views: list[ViewParams], logits: Tensor, num_classes: int) 
     return pa.Table.from_arrays(columns, schema=label_schema(num_classes))
 
 
-def table_to_parquet(table: pa.Table) -> bytes:
+def epoch_order(views: list[ViewParams], counts: Tensor) -> tuple[list[int], list[int]]:
+    """Row order (by views of the image, view_id, image_id) and the row group sizes of equal (views, view_id):
+    epoch e of view cycling uses view e % n of each image, so it reads one row group per distinct n of a shard."""
+    keys = [(int(counts[v.image_id]), v.view_id) for v in views]
+    order = sorted(range(len(views)), key=lambda j: (*keys[j], views[j].image_id))
+    sizes: list[int] = []
+    for previous, j in zip([None, *order], order):
+        if previous is not None and keys[previous] == keys[j]:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    return order, sizes
+
+
+def table_to_parquet(table: pa.Table, row_groups: list[int] | None = None) -> bytes:
+    """Parquet bytes, zstd, with page checksums (range readers verify each page); ``row_groups``: their sizes."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    with pq.ParquetWriter(sink, table.schema, compression="zstd", write_page_checksum=True) as writer:
+        start = 0
+        for size in row_groups if row_groups is not None else [table.num_rows]:
+            if size:
+                writer.write_table(table.slice(start, size), row_group_size=size)
+            start += size
     return sink.getvalue().to_pybytes()
+
+
+def check_label_schema(schema: pa.Schema) -> None:
+    """StorageError unless ``schema`` carries the supported label schema version and a class count."""
+    meta = schema.metadata or {}
+    found = meta.get(VERSION_KEY, b"missing").decode("utf-8", "replace")
+    if found != str(LABEL_SCHEMA_VERSION) or NUM_CLASSES_KEY not in meta:
+        raise StorageError(f"label table schema version {found} is not supported (supported: {LABEL_SCHEMA_VERSION})")
 
 
 def read_label_table(data: bytes) -> pa.Table:
@@ -224,10 +250,7 @@ def read_label_table(data: bytes) -> pa.Table:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as err:
         raise StorageError(f"label object is not a readable Parquet table: {str(err).splitlines()[0]}") from None
-    meta = table.schema.metadata or {}
-    found = meta.get(VERSION_KEY, b"missing").decode("utf-8", "replace")
-    if found != str(LABEL_SCHEMA_VERSION) or NUM_CLASSES_KEY not in meta:
-        raise StorageError(f"label table schema version {found} is not supported (supported: {LABEL_SCHEMA_VERSION})")
+    check_label_schema(table.schema)
     return table
 
 
@@ -312,8 +335,9 @@ def relabel_shard(
     finally:
         teacher.train(was_training)
     logits = torch.cat(outputs) if outputs else torch.empty(0, num_classes, dtype=torch.float16)
-    table = records_to_table(views, logits, num_classes)
-    data = table_to_parquet(table)
+    order, row_groups = epoch_order(views, counts)
+    table = records_to_table([views[j] for j in order], logits[order], num_classes)
+    data = table_to_parquet(table, row_groups)
     writer = ShardWriter(store, LABELS_STAGE, shard)
     writer.put(LABELS_OBJECT, data)
     sizes = label_bytes(table)
@@ -323,82 +347,3 @@ def relabel_shard(
     log.info("relabelled %s: %d views of %d images in %.1fs (%d parquet bytes)", shard, table.num_rows,
              len(shard_image_ids), time.time() - started, len(data))
     return meta
-
-
-# ----------------------------------------------------------------------------- the pool as a Dataset
-
-
-class LabelPoolDataset(Dataset):
-    """Each epoch, every image once, through one of its stored views, with the teacher's output for that view.
-
-    ``sampling="cycle"``: image i with n_i views uses view (epoch + offset_i) % n_i, offset_i drawn from ``seed``,
-    so over E epochs each view is used floor(E/n_i) or ceil(E/n_i) times. ``"uniform"``: a draw with
-    replacement seeded by (seed, epoch, image id), the paper's ablation. Call :meth:`set_epoch` before each
-    epoch (and do not use persistent DataLoader workers, which keep a stale copy of the epoch).
-    """
-
-    def __init__(self, images: dict[int, Tensor], table: pa.Table, size: int, sampling: str = "cycle", seed: int = 0) -> None:
-        if sampling not in VIEW_SAMPLING:
-            raise ValueError(f"bad view sampling {sampling!r} (allowed: one of {', '.join(VIEW_SAMPLING)})")
-        self.images, self.size, self.sampling, self.seed, self.epoch = images, int(size), sampling, int(seed), 0
-        self.num_classes = num_classes_of(table)
-        col = {name: table.column(name).combine_chunks() for name in table.column_names}
-        self._ids = col["image_id"].to_numpy()
-        self._view_ids = col["view_id"].to_numpy()
-        self._flip = col["flip"].to_numpy(zero_copy_only=False)
-        self._mix = col["mix"].to_numpy()
-        self._partner = col["partner_id"].to_numpy()
-        self._partner_flip = col["partner_flip"].to_numpy(zero_copy_only=False)
-        self._lam = col["lam"].to_numpy()
-        self._boxes = {n: col[n].values.to_numpy().reshape(-1, 4) for n in _BOX_FIELDS}
-        self._logits = col["logits"].values.to_numpy().reshape(-1, self.num_classes)
-        order = np.lexsort((self._view_ids, self._ids))
-        self.image_ids, starts = np.unique(self._ids[order], return_index=True)
-        self._records = np.split(order, starts[1:]) if len(order) else []
-        self._check_images()
-        gen = torch.Generator()
-        gen.manual_seed(self.seed)
-        offsets = torch.randint(0, 1 << 30, (len(self._records),), generator=gen).numpy()
-        self._offsets = [int(o % len(r)) for o, r in zip(offsets, self._records)]
-
-    def _check_images(self) -> None:
-        needed = set(self._ids.tolist()) | set(self._partner[self._mix == 1].tolist())
-        missing = sorted(needed - set(self.images))
-        if missing:
-            raise ValueError(f"label pool needs {len(missing)} image(s) not given, e.g. image id {missing[0]}")
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def views_of(self, i: int) -> int:
-        return len(self._records[i])
-
-    def view_index(self, i: int, epoch: int) -> int:
-        """Which of image i's stored views (0..n_i-1, in view_id order) ``epoch`` uses."""
-        n = len(self._records[i])
-        if self.sampling == "cycle":
-            return (int(epoch) + self._offsets[i]) % n
-        gen = stream_generator(_DRAW_STREAM, self.seed, epoch, int(self.image_ids[i]))
-        return int(torch.randint(0, n, (1,), generator=gen).item())
-
-    def row(self, i: int, epoch: int) -> int:
-        """The table row that image i uses in ``epoch``."""
-        return int(self._records[i][self.view_index(i, epoch)])
-
-    def record(self, row: int) -> ViewParams:
-        """The ViewParams stored in table row ``row``."""
-        crop, pcrop, box = (CropBox(*map(int, self._boxes[n][row])) for n in _BOX_FIELDS)
-        mix = int(self._mix[row])
-        return ViewParams(int(self._ids[row]), int(self._view_ids[row]), crop, bool(self._flip[row]), mix,
-                          int(self._partner[row]), pcrop if mix == 1 else None, bool(self._partner_flip[row]),
-                          box if mix else None, float(self._lam[row]))
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        row = self.row(i, self.epoch)
-        view = self.record(row)
-        partner = self.images[view.partner_id] if view.mix == 1 else None
-        image = compose_view(self.images[view.image_id], partner, view, self.size)
-        return image, torch.from_numpy(self._logits[row].astype(np.float32))

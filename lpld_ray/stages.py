@@ -17,7 +17,7 @@ from lpld_ray.config import DataConfig, RecoverConfig
 from lpld_ray.data import ClassDataset, ImageSpec, load_dataset, normalize
 from lpld_ray.recover import BNTarget, across_class_groups, class_wise_groups, recover_groups
 from lpld_ray.squeeze import BNSums, accumulate_bn_sums
-from lpld_ray.manifest import ShardWriter, current_shard, list_shards, read_manifest, read_object, verify_shard
+from lpld_ray.manifest import ShardWriter, current_shard, read_manifest, read_object, verify_shard
 from lpld_ray.storage import Store, shard_name
 
 log = logging.getLogger(__name__)
@@ -97,12 +97,17 @@ def encode_png(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes) -> torch.Tensor:
-    """PNG bytes back to a [C,H,W] float image in [0,1]."""
+def decode_png_uint8(data: bytes) -> torch.Tensor:
+    """PNG bytes back to a [C,H,W] uint8 image."""
     array = np.asarray(Image.open(io.BytesIO(data)))
     if array.ndim == 2:
         array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    """PNG bytes back to a [C,H,W] float image in [0,1]."""
+    return decode_png_uint8(data).float() / 255.0
 
 
 def image_object_name(class_id: int, index: int) -> str:
@@ -183,18 +188,6 @@ def image_id_from_name(name: str, ipc: int) -> int:
     return image_id_of(int(class_id), int(index), ipc)
 
 
-def load_all_images(store: Store, ipc: int) -> dict[int, torch.Tensor]:
-    """Every committed image of the run, by global image id (CutMix partners come from any class)."""
-    images: dict[int, torch.Tensor] = {}
-    for name in list_shards(store, IMAGES_STAGE):
-        manifest = verify_shard(store, IMAGES_STAGE, name)
-        if manifest is None:
-            raise FileNotFoundError(f"images shard '{name}' does not verify: run the recover stage")
-        for entry in manifest.objects:
-            images[image_id_from_name(entry.name, ipc)] = decode_png(read_object(store, IMAGES_STAGE, name, entry.name, manifest))
-    return images
-
-
 def load_images(store: Store, ipc: int, ids: set[int], shards: list[ClassShard]) -> dict[int, torch.Tensor]:
     """Only the images ``ids`` (run-wide ids), each object checked against its shard's manifest on read."""
     wanted: dict[str, list[int]] = {}
@@ -210,21 +203,6 @@ def load_images(store: Store, ipc: int, ids: set[int], shards: list[ClassShard])
             obj = image_object_name(image_id // ipc, image_id % ipc)
             images[image_id] = decode_png(read_object(store, IMAGES_STAGE, name, obj, manifest))
     return images
-
-
-def load_pool(store: Store, ipc: int) -> tuple[dict[int, torch.Tensor], "pa.Table"]:  # noqa: F821
-    """The images and every verified label shard's records, for student training."""
-    import pyarrow as pa
-
-    from lpld_ray.labels import LABELS_OBJECT, LABELS_STAGE, read_label_table
-
-    tables = []
-    for name in list_shards(store, LABELS_STAGE):
-        manifest = verify_shard(store, LABELS_STAGE, name)
-        if manifest is None:
-            raise FileNotFoundError(f"labels shard '{name}' does not verify: run the relabel stage")
-        tables.append(read_label_table(read_object(store, LABELS_STAGE, name, LABELS_OBJECT, manifest)))
-    return load_all_images(store, ipc), pa.concat_tables(tables)
 
 
 def contact_sheet(images: torch.Tensor, labels: torch.Tensor, max_classes: int = 100, max_per_class: int = 10) -> bytes:

@@ -8,7 +8,7 @@ import logging
 import os
 import uuid
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -213,6 +213,13 @@ class Store:
     def read_bytes(self, rel: str) -> bytes:
         with self._errors("reading", rel):
             return self._fs.cat_file(self._fresh(rel))
+
+    @contextmanager
+    def open(self, rel: str) -> Iterator[BinaryIO]:
+        """A seekable binary reader of one object, for range reads (Parquet row groups)."""
+        with self._errors("reading", rel):
+            with self._fs.open(self._fresh(rel), "rb") as handle:
+                yield handle
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))

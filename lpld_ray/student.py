@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lpld_ray.config import DataConfig, TrainConfig
 from lpld_ray.data import load_dataset
@@ -96,29 +96,39 @@ def _checkpoint(folder: str, model: nn.Module, optimizer, scheduler, epoch: int)
     return Checkpoint.from_directory(folder)
 
 
+def open_pool(store: "Store", ipc: int, size: int, cfg: TrainConfig, seed: int) -> "LabelPool":  # noqa: F821
+    """The run's label pool as a per-epoch Dataset, with the image cache of ``cfg``."""
+    from lpld_ray.pool import ImageSource, LabelPool, LabelShards
+
+    images = ImageSource(store, ipc, cfg.image_cache_mb << 20)
+    pool = LabelPool(LabelShards(store), images, size, sampling=cfg.view_sampling, seed=seed)
+    log.info("label pool: %d images, index %d bytes", len(pool), pool.memory_bytes()["index"])
+    return pool
+
+
 def student_train_loop(job: StudentJob) -> None:
     """Per-worker loop under Ray Train: KD on the label pool, rank-0 checkpoints, every rank reports."""
     import ray.train
     import ray.train.torch
 
-    from lpld_ray.labels import LabelPoolDataset
-    from lpld_ray.models import build_model, save_weights_bytes
-    from lpld_ray.stages import load_pool
     from lpld_ray.manifest import ShardWriter
+    from lpld_ray.models import build_model, save_weights_bytes
     from lpld_ray.storage import Store
 
     cfg = job.train
     torch.manual_seed(job.seed)
-    store = Store(job.store_root, job.storage_options)
-    images, table = load_pool(store, job.ipc)
     test_set = load_dataset(job.data, "test")
     spec = test_set.spec
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(cfg.cpus_per_worker)
-    pool = LabelPoolDataset(images, table, spec.size, sampling=cfg.view_sampling, seed=job.seed)
-    order = torch.Generator()  # reseeded per epoch: a resumed run shuffles like an uninterrupted one
-    loader = ray.train.torch.prepare_data_loader(DataLoader(pool, batch_size=cfg.batch_size, shuffle=True, generator=order))
+    store = Store(job.store_root, job.storage_options)
+    pool = open_pool(store, job.ipc, spec.size, cfg, job.seed)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    sampler = DistributedSampler(pool, num_replicas=world, rank=rank, shuffle=True, seed=job.seed)
+    loader = DataLoader(pool, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.loader_workers)
+    loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
     student = build_model(cfg.arch, test_set.num_classes, spec.channels, spec.size).to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(student)
     optimizer = make_optimizer(model, cfg)
@@ -127,13 +137,10 @@ def student_train_loop(job: StudentJob) -> None:
     start = _restore(bare, optimizer, scheduler, ray.train.get_checkpoint())
     loss_fn = SoftTargetKLLoss(cfg.temperature, cfg.label_smoothing)
     test_loader = DataLoader(test_set, batch_size=1000)
-    rank = ray.train.get_context().get_world_rank()
     started = time.time()
     for epoch in range(start, cfg.epochs):
-        pool.set_epoch(epoch)
-        order.manual_seed(job.seed * 1_000_003 + epoch)
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)  # the same order whether or not the run was resumed
+        pool.set_epoch(epoch, list(sampler))  # reads only this rank's records and images of this epoch
         loss = train_epoch(model, loader, loss_fn, optimizer, scheduler, spec, device)
         done = epoch + 1
         metrics = {"epoch": done, "loss": loss, "resumed_from": start}

@@ -6,7 +6,7 @@ import pytest
 from conftest import run_cli
 
 from lpld_ray.config import load_config
-from lpld_ray.estimate import GIB, activation_bytes, dataset_shape, label_bytes, label_record_bytes, plan_lines
+from lpld_ray.estimate import GIB, activation_bytes, dataset_shape, label_bytes, label_record_bytes, loader_memory, plan_lines
 
 # (preset, ipc, compression, the paper's label storage in GB; its figures match GiB)
 PAPER = [
@@ -61,8 +61,21 @@ def test_plan_lines_cover_every_stage():
     cfg = load_config("jobs/configs/imagenet21kp_rn18.yaml")
     text = "\n".join(plan_lines(cfg, dataset_shape(cfg.data), "8 on cluster"))
     for fragment in ("523 class shards", "104,500 images", "labels at 1x: 611.71 GiB", "labels at 40x: 15.29 GiB  <- this run",
-                     "512 data partitions", "peak memory per worker", "actors: 8 on cluster"):
+                     "512 data partitions", "peak memory per worker", "actors: 8 on cluster",
+                     "train loader per worker (bound): 1.60 GiB", "one epoch's records 261.00 MiB"):
         assert fragment in text, fragment
+
+
+def test_loader_bound_does_not_grow_with_the_label_pool():
+    """Only the 4 B per stored view of the index grows with E/k; the rest is one epoch of one rank's share."""
+    bounds = {}
+    for k in (1, 40):
+        cfg = load_config("jobs/configs/imagenet21kp_rn18.yaml", [f"relabel.compression={k}"])
+        bounds[k] = loader_memory(cfg, dataset_shape(cfg.data))
+    views_1x, views_40x = 104_500 * 300, 104_500 * 300 // 40
+    assert bounds[1].index - bounds[40].index == 4 * (views_1x - views_40x)
+    assert bounds[1].epoch_records == bounds[40].epoch_records == 13_063 * 20_951  # ceil(104,500 / 8 workers) records
+    assert bounds[1].total < 2 * bounds[40].total and bounds[40].total < 2 * GIB  # 612 GiB vs 15 GiB of labels
 
 
 @pytest.mark.parametrize("preset", ["imagenet1k_rn18", "imagenet21kp_rn18", "tiny_imagenet_rn18"])

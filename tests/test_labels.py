@@ -1,8 +1,7 @@
-"""The label pool: view counts, seeded views, bit-identical rebuilds, Parquet records, and the pool Dataset."""
+"""Relabelling: view counts, seeded views, Parquet records and their schema, the images a shard reads."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import pyarrow as pa
 import pytest
@@ -16,13 +15,10 @@ from lpld_ray.labels import (
     LABELS_OBJECT,
     LABELS_STAGE,
     VERSION_KEY,
-    LabelPoolDataset,
-    compose_view,
     image_id_of,
     label_bytes,
     read_label_shard,
     read_label_table,
-    records_to_table,
     relabel_shard,
     sample_beta,
     sample_view,
@@ -82,47 +78,6 @@ def relabel(tmp_path, cfg: RelabelConfig, ids: list[int], images=None, teacher=N
     return store, meta, rec, images, counts
 
 
-@pytest.mark.parametrize("mix", ["none", "cutmix", "cutout"])
-def test_dataset_rebuilds_the_view_the_teacher_saw_bit_for_bit(tmp_path, mix):
-    cfg = RelabelConfig(epochs=5, mix=mix, batch_size=7, crop_scale=(0.3, 1.0))
-    shard_ids = [image_id_of(1, i, IPC) for i in range(IPC)]
-    teacher = tiny_teacher()
-    bn_before = teacher[1].running_mean.clone()
-    store, meta, rec, images, counts = relabel(tmp_path, cfg, shard_ids, teacher=teacher)
-    assert teacher.training and torch.equal(teacher[1].running_mean, bn_before)  # eval during relabel, mode restored
-    table = read_label_shard(store, "shard-00001")
-    seen = rec.seen()
-    assert seen.shape == (table.num_rows, 1, SIDE, SIDE) == (meta["records"], 1, SIDE, SIDE)
-    ds = LabelPoolDataset(images, table, SIDE, seed=3)
-    assert len(ds) == IPC
-    touched = 0
-    for epoch in range(cfg.epochs):
-        ds.set_epoch(epoch)
-        for i in range(len(ds)):
-            x, y = ds[i]
-            row = ds.row(i, epoch)
-            assert torch.equal(x, seen[row])
-            view = ds.record(row)
-            assert view == sample_view(7, view.image_id, view.view_id, len(images), SIDE, cfg)
-            with torch.no_grad():
-                expect = teacher.eval()(normalize(x[None]))[0].half().float()
-            assert y.dtype == torch.float32 and torch.allclose(y, expect, atol=2e-3)
-            plain = compose_view(images[view.image_id], None, dataclasses.replace(view, mix=0), SIDE)
-            box = view.mix_box
-            if mix == "none":
-                assert view.mix == 0 and box is None and torch.equal(x, plain)
-            elif box is not None and box.height * box.width > 0:
-                region = x[:, box.top:box.top + box.height, box.left:box.left + box.width]
-                if mix == "cutout":
-                    assert torch.all(region == 0)
-                else:
-                    assert view.partner_id != view.image_id and 0 < view.lam < 1
-                    touched += int(view.partner_id // IPC != 1 and not torch.equal(x, plain))
-                touched += mix == "cutout"
-    if mix != "none":
-        assert touched > 0  # some views really were mixed (cutmix: with a partner of another class)
-
-
 def test_compression_keeps_one_in_k_views_and_label_bytes(tmp_path):
     n, epochs = 60, 300
     images = make_images(classes=CLASSES, ipc=n // CLASSES, side=8)
@@ -161,39 +116,6 @@ def test_views_do_not_depend_on_call_order_and_beta_is_right():
         draws = torch.tensor([sample_beta(gen, a) for _ in range(3000)])
         assert abs(draws.mean() - 0.5) < 0.03
         assert abs(draws.var() - 1 / (4 * (2 * a + 1))) < 0.015
-
-
-def pool_table(num_images: int, epochs: int, k: float, seed: int = 0) -> tuple[pa.Table, torch.Tensor]:
-    cfg = RelabelConfig(epochs=epochs, compression=k, mix="cutmix")
-    counts = view_counts(num_images, epochs, k, seed)
-    views = [sample_view(seed, i, v, num_images, SIDE, cfg) for i in range(num_images) for v in range(int(counts[i]))]
-    return records_to_table(views, torch.randn(len(views), CLASSES), CLASSES), counts
-
-
-def test_views_cycle_evenly_and_uniform_draws_are_valid():
-    epochs = 10
-    table, counts = pool_table(CLASSES * IPC, epochs, 3.0)
-    assert set(counts.tolist()) == {3, 4}
-    images = make_images()
-    cycle = LabelPoolDataset(images, table, SIDE, sampling="cycle", seed=5)
-    uniform = LabelPoolDataset(images, table, SIDE, sampling="uniform", seed=5)
-    assert len(cycle) == CLASSES * IPC
-    for i in range(len(cycle)):
-        n = int(counts[int(cycle.image_ids[i])])
-        used = [cycle.view_index(i, e) for e in range(epochs)]
-        hist = [used.count(v) for v in range(n)]
-        assert sum(hist) == epochs and max(hist) - min(hist) <= 1
-        drawn = [uniform.view_index(i, e) for e in range(epochs)]
-        assert all(0 <= d < n for d in drawn) and drawn == [uniform.view_index(i, e) for e in range(epochs)]
-    offsets = {cycle.view_index(i, 0) for i in range(len(cycle))}
-    assert len(offsets) > 1  # per-image offsets, not all images on view 0 together
-    assert len({tuple(uniform.view_index(i, e) for i in range(len(uniform))) for e in range(epochs)}) > 1
-    uniform.set_epoch(3)
-    x, y = uniform[2]
-    assert x.shape == (1, SIDE, SIDE) and y.shape == (CLASSES,) and y.dtype == torch.float32
-    row = uniform.row(2, 3)
-    stored = torch.from_numpy(table.column("logits").combine_chunks().values.to_numpy().copy()).view(-1, CLASSES)[row]
-    assert torch.equal(y, stored.float())
 
 
 def test_parquet_round_trip_and_schema_version_check(tmp_path):

@@ -1,0 +1,326 @@
+"""The label pool as a per-epoch Dataset: each epoch reads only its own views' records and images, in bounded memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from lpld_ray.augment import CropBox
+from lpld_ray.config import VIEW_SAMPLING
+from lpld_ray.errors import StorageError
+from lpld_ray.labels import (DRAW_STREAM, LABELS_OBJECT, LABELS_STAGE, NUM_CLASSES_KEY, ViewParams, check_label_schema,
+                             compose_view, stream_generator)
+from lpld_ray.manifest import Manifest, list_shards, read_manifest, read_object
+from lpld_ray.stages import IMAGES_STAGE, decode_png_uint8, image_id_from_name
+from lpld_ray.storage import Store
+
+log = logging.getLogger(__name__)
+
+INDEX_COLUMNS = ["image_id", "view_id"]
+BOX_FIELDS = ("crop", "partner_crop", "mix_box")
+
+
+# ----------------------------------------------------------------------------- where every view is
+
+
+@dataclass(frozen=True)
+class PoolIndex:
+    """Per image (sorted run-wide ids): its label shard, and the table rows of its views in view_id order."""
+
+    shards: tuple[str, ...]
+    image_ids: np.ndarray  # int64 [N], sorted
+    shard_of: np.ndarray  # int32 [N]: index into shards
+    first: np.ndarray  # int64 [N]: where the image's rows start in view_rows
+    counts: np.ndarray  # int64 [N]: views stored per image
+    view_rows: np.ndarray  # int32 [R]: row in its shard's table
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.image_ids, self.shard_of, self.first, self.counts, self.view_rows))
+
+    def rows_of(self, i: int) -> np.ndarray:
+        start = int(self.first[i])
+        return self.view_rows[start : start + int(self.counts[i])]
+
+
+def build_index(columns: dict[str, tuple[np.ndarray, np.ndarray]]) -> PoolIndex:
+    """The index from each shard's image_id and view_id columns; every image in one shard with views 0..n-1."""
+    image_id = np.concatenate([ids for ids, _ in columns.values()]).astype(np.int64)
+    view_id = np.concatenate([views for _, views in columns.values()]).astype(np.int64)
+    row = np.concatenate([np.arange(len(ids), dtype=np.int32) for ids, _ in columns.values()])
+    shard = np.concatenate([np.full(len(ids), s, np.int32) for s, (ids, _) in enumerate(columns.values())])
+    order = np.lexsort((view_id, image_id))
+    image_ids, first, counts = np.unique(image_id[order], return_index=True, return_counts=True)
+    expected_view = np.arange(len(order)) - np.repeat(first, counts)
+    spread = shard[order] != np.repeat(shard[order][first], counts)
+    if np.any(view_id[order] != expected_view) or np.any(spread):
+        bad = int(image_id[order][np.argmax((view_id[order] != expected_view) | spread)])
+        raise StorageError(f"label pool: image {bad} has duplicate, missing or split views: re-run the relabel stage")
+    return PoolIndex(tuple(columns), image_ids, shard[order][first], first, counts, row[order])
+
+
+# ----------------------------------------------------------------------------- range reads of label shards
+
+
+class LabelShards:
+    """The committed label shards of a store, read by range: two columns for the index, row groups for an epoch."""
+
+    def __init__(self, store: Store, names: Sequence[str] | None = None) -> None:
+        self.store = store
+        self.names = list(list_shards(store, LABELS_STAGE) if names is None else names)
+        if not self.names:
+            raise StorageError("no committed label shards: run the relabel stage")
+        self._meta: dict[str, pq.FileMetaData] = {}
+        self.num_classes = 0
+        self.bytes_read = 0  # compressed bytes of the row groups decoded so far
+
+    @contextmanager
+    def _file(self, name: str) -> Iterator[pq.ParquetFile]:
+        rel = f"{LABELS_STAGE}/{name}/{LABELS_OBJECT}"
+        with self.store.open(rel) as handle:
+            try:
+                parquet = pq.ParquetFile(handle, metadata=self._meta.get(name), page_checksum_verification=True)
+                if name not in self._meta:
+                    check_label_schema(parquet.schema_arrow)
+                    self._meta[name] = parquet.metadata
+                    self.num_classes = int(parquet.schema_arrow.metadata[NUM_CLASSES_KEY])
+                yield parquet
+            except (pa.ArrowException, OSError) as err:
+                raise StorageError(f"label shard '{name}' is not readable ({str(err).splitlines()[0]}): "
+                                   "re-run the relabel stage") from None
+
+    def index(self) -> PoolIndex:
+        columns = {}
+        for name in self.names:
+            with self._file(name) as parquet:
+                table = parquet.read(columns=INDEX_COLUMNS)
+            columns[name] = (table.column("image_id").to_numpy(), table.column("view_id").to_numpy())
+        return build_index(columns)
+
+    def row_group_starts(self, name: str) -> np.ndarray:
+        """Row number at which each row group of shard ``name`` starts, and the row count last."""
+        if name not in self._meta:
+            with self._file(name):  # reads the footer once
+                pass
+        meta = self._meta[name]
+        return np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+
+    def read_rows(self, name: str, rows: np.ndarray) -> pa.Table:
+        """Rows ``rows`` of shard ``name``, in that order, decoding only the row groups that hold them."""
+        starts = self.row_group_starts(name)
+        group_of_row = np.searchsorted(starts, rows, side="right") - 1
+        groups = np.unique(group_of_row)
+        with self._file(name) as parquet:
+            table = parquet.read_row_groups(groups.tolist())
+        meta = self._meta[name]
+        self.bytes_read += sum(meta.row_group(int(g)).column(c).total_compressed_size
+                               for g in groups for c in range(meta.num_columns))
+        sizes = starts[groups + 1] - starts[groups]
+        base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        positions = base[np.searchsorted(groups, group_of_row)] + rows - starts[group_of_row]
+        return table.take(pa.array(positions, pa.int64()))
+
+
+# ----------------------------------------------------------------------------- one epoch's records
+
+
+class EpochRecords:
+    """The records one epoch uses on this rank, as column arrays: view parameters and fp16 teacher outputs."""
+
+    def __init__(self, table: pa.Table, num_classes: int) -> None:
+        col = {name: table.column(name).combine_chunks() for name in table.column_names}
+        self.ids = col["image_id"].to_numpy()
+        self.view_ids = col["view_id"].to_numpy()
+        self.flip = col["flip"].to_numpy(zero_copy_only=False)
+        self.mix = col["mix"].to_numpy()
+        self.partner = col["partner_id"].to_numpy()
+        self.partner_flip = col["partner_flip"].to_numpy(zero_copy_only=False)
+        self.lam = col["lam"].to_numpy()
+        self.boxes = {n: col[n].values.to_numpy().reshape(-1, 4) for n in BOX_FIELDS}
+        self.logits = col["logits"].values.to_numpy().reshape(-1, num_classes)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.ids, self.view_ids, self.flip, self.mix, self.partner, self.partner_flip, self.lam, self.logits]
+        return sum(a.nbytes for a in arrays) + sum(b.nbytes for b in self.boxes.values())
+
+    def partners(self) -> np.ndarray:
+        return self.partner[self.mix == 1]
+
+    def view(self, j: int) -> ViewParams:
+        crop, partner_crop, box = (CropBox(*map(int, self.boxes[n][j])) for n in BOX_FIELDS)
+        mix = int(self.mix[j])
+        return ViewParams(int(self.ids[j]), int(self.view_ids[j]), crop, bool(self.flip[j]), mix, int(self.partner[j]),
+                          partner_crop if mix == 1 else None, bool(self.partner_flip[j]), box if mix else None,
+                          float(self.lam[j]))
+
+    def target(self, j: int) -> Tensor:
+        return torch.from_numpy(self.logits[j].astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- images, cached within a budget
+
+
+class ImageSource:
+    """Decoded images (uint8) by run-wide id, read and sha256-checked from the images stage on demand, kept in an
+    LRU cache of at most ``cache_bytes``; safe to use after fork (a child opens its own store)."""
+
+    def __init__(self, store: Store, ipc: int, cache_bytes: int, threads: int = 8) -> None:
+        self._root, self._options, self._store, self._pid = store.root, store.storage_options, store, os.getpid()
+        self.cache_bytes, self.threads = int(cache_bytes), int(threads)
+        self._where: dict[int, tuple[str, str]] = {}
+        self._manifests: dict[str, Manifest] = {}
+        for shard in list_shards(store, IMAGES_STAGE):
+            manifest = read_manifest(store, IMAGES_STAGE, shard)
+            if manifest is None:
+                raise StorageError(f"images shard '{shard}' has no manifest: run the recover stage")
+            self._manifests[shard] = manifest
+            self._where.update({image_id_from_name(e.name, ipc): (shard, e.name) for e in manifest.objects})
+        self._cache: OrderedDict[int, Tensor] = OrderedDict()
+        self.cached_bytes, self.image_bytes = 0, 0
+
+    def __contains__(self, image_id: int) -> bool:
+        return int(image_id) in self._where
+
+    def _read(self, image_id: int) -> Tensor:
+        if os.getpid() != self._pid:  # a DataLoader worker: fsspec clients do not survive fork
+            self._store, self._pid = Store(self._root, self._options), os.getpid()
+        if image_id not in self._where:
+            raise StorageError(f"image {image_id} is not in the images stage (a CutMix partner of the label pool?): "
+                               "re-run the recover stage")
+        shard, name = self._where[image_id]
+        return decode_png_uint8(read_object(self._store, IMAGES_STAGE, shard, name, self._manifests[shard]))
+
+    def _keep(self, image_id: int, image: Tensor) -> None:
+        size = self.image_bytes = image.numel() * image.element_size()
+        while self._cache and self.cached_bytes + size > self.cache_bytes:
+            self.cached_bytes -= self._evict()
+        if size <= self.cache_bytes:
+            self._cache[image_id] = image
+            self.cached_bytes += size
+
+    def _evict(self) -> int:
+        _, old = self._cache.popitem(last=False)
+        return old.numel() * old.element_size()
+
+    def get(self, image_id: int) -> Tensor:
+        """The image as decode_png gives it: [C,H,W] float in [0,1]."""
+        image_id = int(image_id)
+        image = self._cache.get(image_id)
+        if image is None:
+            image = self._read(image_id)
+            self._keep(image_id, image)
+        else:
+            self._cache.move_to_end(image_id)
+        return image.float() / 255.0
+
+    def warm(self, image_ids: Iterable[int]) -> int:
+        """Read the given images not yet cached, in threads, as far as the cache allows; returns how many were read."""
+        wanted = [int(i) for i in dict.fromkeys(image_ids)]
+        keep = set(wanted)
+        for image_id in [i for i in self._cache if i not in keep]:  # images this epoch does not use go first
+            self.cached_bytes -= self._cache[image_id].numel() * self._cache[image_id].element_size()
+            del self._cache[image_id]
+        missing = [i for i in wanted if i not in self._cache]
+        read = 0
+        if missing and not self.image_bytes:  # learn the decoded size from one image
+            self._keep(missing[0], self._read(missing[0]))
+            missing, read = missing[1:], 1
+        room = max(0, (self.cache_bytes - self.cached_bytes) // max(1, self.image_bytes))
+        missing = missing[:room]  # never read more than the cache keeps: the reads are held until they are stored
+        with ThreadPoolExecutor(self.threads) as pool:
+            for image_id, image in zip(missing, pool.map(self._read, missing)):
+                self._keep(image_id, image)
+        return read + len(missing)
+
+
+# ----------------------------------------------------------------------------- the Dataset
+
+
+class LabelPool(Dataset):
+    """Each epoch, every image once, through one of its stored views, with the teacher's output for that view.
+
+    ``sampling="cycle"``: image i with n_i views uses view ``epoch % n_i``, so over E epochs each view is used
+    floor(E/n_i) or ceil(E/n_i) times (views are independent draws, so a fixed order adds no bias), and the relabel
+    stage stores rows so that one epoch reads one row group per distinct n_i of a shard. ``"uniform"``: a draw with
+    replacement seeded by (seed, epoch, image id), the paper's ablation. Call :meth:`set_epoch` with this rank's
+    sampler indices before each epoch: only their records and images are read.
+    """
+
+    def __init__(self, shards: LabelShards, images: ImageSource, size: int, sampling: str = "cycle", seed: int = 0) -> None:
+        if sampling not in VIEW_SAMPLING:
+            raise ValueError(f"bad view sampling {sampling!r} (allowed: one of {', '.join(VIEW_SAMPLING)})")
+        self.shards, self.images, self.size, self.sampling, self.seed = shards, images, int(size), sampling, int(seed)
+        self.index = shards.index()
+        self.num_classes = shards.num_classes
+        missing = [int(i) for i in self.index.image_ids if int(i) not in images]
+        if missing:
+            raise StorageError(f"label pool needs {len(missing)} image(s) not in the images stage, e.g. image id {missing[0]}")
+        self.epoch = -1
+        self._slot = np.full(len(self), -1, np.int64)
+        self._records: EpochRecords | None = None
+
+    def __len__(self) -> int:
+        return len(self.index.image_ids)
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        return self.index.image_ids
+
+    def views_of(self, i: int) -> int:
+        return int(self.index.counts[i])
+
+    def view_index(self, i: int, epoch: int) -> int:
+        """Which of image i's stored views (0..n_i-1, in view_id order) ``epoch`` uses."""
+        n = self.views_of(i)
+        if self.sampling == "cycle":
+            return int(epoch) % n
+        gen = stream_generator(DRAW_STREAM, self.seed, epoch, int(self.index.image_ids[i]))
+        return int(torch.randint(0, n, (1,), generator=gen).item())
+
+    def row(self, i: int, epoch: int) -> int:
+        """The row of its shard's table that image i uses in ``epoch``."""
+        return int(self.index.rows_of(i)[self.view_index(i, epoch)])
+
+    def set_epoch(self, epoch: int, indices: Sequence[int] | None = None) -> None:
+        """Read the records of ``epoch`` for ``indices`` (all images when None) and warm their images' cache."""
+        wanted = np.unique(np.arange(len(self)) if indices is None else np.asarray(list(indices), np.int64))
+        by_shard = self.index.shard_of[wanted]
+        tables, order = [], []
+        for s in np.unique(by_shard):
+            chosen = wanted[by_shard == s]
+            rows = np.array([self.row(int(i), epoch) for i in chosen], np.int64)
+            tables.append(self.shards.read_rows(self.index.shards[s], rows))
+            order.append(chosen)
+        self._records = None  # drop the last epoch's arrays before the new ones are built
+        self._records = EpochRecords(pa.concat_tables(tables), self.num_classes)
+        self._slot.fill(-1)
+        self._slot[np.concatenate(order)] = np.arange(len(wanted))
+        self.epoch = int(epoch)
+        self.images.warm([*self.index.image_ids[wanted].tolist(), *self._records.partners().tolist()])
+
+    def memory_bytes(self) -> dict[str, int]:
+        """What this pool holds now: the index, this epoch's records, the image cache."""
+        records = self._records.nbytes if self._records is not None else 0
+        return {"index": self.index.nbytes + self._slot.nbytes, "epoch_records": records,
+                "image_cache": self.images.cached_bytes}
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        j = int(self._slot[i]) if self._records is not None else -1
+        if j < 0:
+            raise IndexError(f"image {i} was not read for epoch {self.epoch}: pass this rank's sampler indices to set_epoch")
+        view = self._records.view(j)
+        partner = self.images.get(view.partner_id) if view.mix == 1 else None
+        return compose_view(self.images.get(view.image_id), partner, view, self.size), self._records.target(j)
