@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -25,7 +25,7 @@ from lpld_ray.models import build_model  # noqa: E402
 from lpld_ray.pool import ImageSource, LabelPool, LabelShards  # noqa: E402
 from lpld_ray.stages import IMAGES_STAGE, encode_png, image_object_name  # noqa: E402
 from lpld_ray.storage import Store, shard_name  # noqa: E402
-from lpld_ray.student import SoftTargetKLLoss  # noqa: E402
+from lpld_ray.student import SoftTargetKLLoss, image_sampler  # noqa: E402
 
 log = logging.getLogger("bench_loader")
 
@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-cache-mb", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--loader-workers", nargs="+", type=int, default=[0, 2])
+    p.add_argument("--samplers", nargs="+", default=["global", "shard"], choices=["global", "shard"],
+                   help="train.sampler values to time side by side")
     p.add_argument("--steps", type=int, default=20, help="timed batches / optimizer steps after one warm-up")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--store", help="where to write the synthetic pool (default: a temporary folder)")
@@ -81,7 +83,7 @@ def whole_pool_bytes(store: Store, pool: LabelPool) -> dict[str, int]:
     return {"images_float32": images, "records": records, "total": images + records}
 
 
-def epoch_batches(pool: LabelPool, sampler: DistributedSampler, loader: DataLoader, stats: dict):
+def epoch_batches(pool: LabelPool, sampler, loader: DataLoader, stats: dict):
     """Batches of rank 0 over as many epochs as asked for, each read by set_epoch (its time goes into ``stats``)."""
     epoch = 0
     while True:
@@ -93,9 +95,14 @@ def epoch_batches(pool: LabelPool, sampler: DistributedSampler, loader: DataLoad
         epoch += 1
 
 
-def loader_rate(pool: LabelPool, args: argparse.Namespace, workers: int) -> dict:
-    """Samples/s of rank 0's loader, epoch reads included, after its first batch (worker start-up excluded)."""
-    sampler = DistributedSampler(pool, num_replicas=args.world, rank=0, shuffle=True, seed=0)
+def open_pool(store: Store, args: argparse.Namespace) -> LabelPool:
+    return LabelPool(LabelShards(store), ImageSource(store, args.ipc, args.image_cache_mb << 20), args.size)
+
+
+def loader_rate(store: Store, args: argparse.Namespace, kind: str, workers: int) -> dict:
+    """Samples/s of rank 0's loader on a fresh pool (cold cache), epoch reads included, after its first batch."""
+    pool = open_pool(store, args)
+    sampler = image_sampler(pool, kind, args.world, 0, seed=0)
     loader = DataLoader(pool, batch_size=args.batch_size, sampler=sampler, num_workers=workers, drop_last=True)
     stats: dict = {}
     batches = epoch_batches(pool, sampler, loader, stats)
@@ -133,10 +140,11 @@ def main() -> None:
         started = time.perf_counter()
         write_pool(store, args, cfg.relabel)
         log.info("pool written in %.1fs", time.perf_counter() - started)
-        pool = LabelPool(LabelShards(store), ImageSource(store, args.ipc, args.image_cache_mb << 20), args.size)
-        loaders = {w: loader_rate(pool, args, w) for w in args.loader_workers}
-        baseline = whole_pool_bytes(store, pool)
+        pool = open_pool(store, args)
+        loaders = {f"{kind}, {w} loader workers": loader_rate(store, args, kind, w)
+                   for kind in args.samplers for w in args.loader_workers}
         pool.set_epoch(0)
+        baseline = whole_pool_bytes(store, pool)
         batch = next(iter(DataLoader(pool, batch_size=args.batch_size)))
         parquet_bytes = sum(store.size(f"{LABELS_STAGE}/{n}/{LABELS_OBJECT}") for n in pool.shards.names)
     student = round(student_rate(cfg.train.arch, args.classes, args.size, batch, args.steps), 1)

@@ -18,6 +18,7 @@ ARCHS = ("convnet", "resnet18", "resnet18_small", "resnet50")
 MIX_MODES = ("none", "cutmix", "cutout")
 OPTIMIZERS = ("adamw", "sgd")
 VIEW_SAMPLING = ("cycle", "uniform")
+IMAGE_SAMPLERS = ("global", "shard")
 IMAGE_SOURCES = ("synthetic", "real")
 PRECISIONS = ("fp32", "bf16")
 
@@ -167,6 +168,7 @@ class TrainConfig:
     temperature: float = 4.0
     label_smoothing: float = 0.0
     view_sampling: str = "cycle"
+    sampler: str = "global"  # shard: whole label shards per rank and epoch, so a rank reads N/W records, not N
     eval_every: int = 50
     checkpoint_every: int = 25
     num_workers: int = 1
@@ -187,6 +189,7 @@ class TrainConfig:
         require(self.temperature > 0, "train.temperature", self.temperature, "a number > 0")
         require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
         require_choice("train.view_sampling", self.view_sampling, VIEW_SAMPLING)
+        require_choice("train.sampler", self.sampler, IMAGE_SAMPLERS)
         require(self.eval_every >= 1, "train.eval_every", self.eval_every, "an integer >= 1")
         require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "an integer >= 1")
         require(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")

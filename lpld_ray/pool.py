@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from lpld_ray.augment import CropBox
 from lpld_ray.config import VIEW_SAMPLING
@@ -85,6 +86,7 @@ class LabelShards:
         self._meta: dict[str, pq.FileMetaData] = {}
         self.num_classes = 0
         self.bytes_read = 0  # compressed bytes of the row groups decoded so far
+        self._lock = threading.Lock()
 
     @contextmanager
     def _file(self, name: str) -> Iterator[pq.ParquetFile]:
@@ -125,8 +127,9 @@ class LabelShards:
         with self._file(name) as parquet:
             table = parquet.read_row_groups(groups.tolist())
         meta = self._meta[name]
-        self.bytes_read += sum(meta.row_group(int(g)).column(c).total_compressed_size
-                               for g in groups for c in range(meta.num_columns))
+        read = sum(meta.row_group(int(g)).column(c).total_compressed_size for g in groups for c in range(meta.num_columns))
+        with self._lock:  # set_epoch reads shards from several threads
+            self.bytes_read += read
         sizes = starts[groups + 1] - starts[groups]
         base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         positions = base[np.searchsorted(groups, group_of_row)] + rows - starts[group_of_row]
@@ -204,7 +207,7 @@ class ImageSource:
         return decode_png_uint8(read_object(self._store, IMAGES_STAGE, shard, name, self._manifests[shard]))
 
     def _keep(self, image_id: int, image: Tensor) -> None:
-        size = self.image_bytes = image.numel() * image.element_size()
+        size = self.image_bytes = image.numel()  # uint8
         while self._cache and self.cached_bytes + size > self.cache_bytes:
             self.cached_bytes -= self._evict()
         if size <= self.cache_bytes:
@@ -212,8 +215,7 @@ class ImageSource:
             self.cached_bytes += size
 
     def _evict(self) -> int:
-        _, old = self._cache.popitem(last=False)
-        return old.numel() * old.element_size()
+        return self._cache.popitem(last=False)[1].numel()  # uint8: one byte per value
 
     def get(self, image_id: int) -> Tensor:
         """The image as decode_png gives it: [C,H,W] float in [0,1]."""
@@ -227,17 +229,21 @@ class ImageSource:
         return image.float() / 255.0
 
     def warm(self, image_ids: Iterable[int]) -> int:
-        """Read the given images not yet cached, in threads, as far as the cache allows; returns how many were read."""
+        """Read the given images not yet cached, in threads, as far as the cache allows (making room by dropping
+        images not in ``image_ids``, least recent first); returns how many were read."""
         wanted = [int(i) for i in dict.fromkeys(image_ids)]
-        keep = set(wanted)
-        for image_id in [i for i in self._cache if i not in keep]:  # images this epoch does not use go first
-            self.cached_bytes -= self._cache[image_id].numel() * self._cache[image_id].element_size()
-            del self._cache[image_id]
         missing = [i for i in wanted if i not in self._cache]
         read = 0
         if missing and not self.image_bytes:  # learn the decoded size from one image
             self._keep(missing[0], self._read(missing[0]))
             missing, read = missing[1:], 1
+        keep = set(wanted)
+        unused = iter([i for i in self._cache if i not in keep])
+        while self.cached_bytes + len(missing) * self.image_bytes > self.cache_bytes:
+            drop = next(unused, None)
+            if drop is None:
+                break
+            self.cached_bytes -= self._cache.pop(drop).numel()
         room = max(0, (self.cache_bytes - self.cached_bytes) // max(1, self.image_bytes))
         missing = missing[:room]  # never read more than the cache keeps: the reads are held until they are stored
         with ThreadPoolExecutor(self.threads) as pool:
@@ -298,12 +304,11 @@ class LabelPool(Dataset):
         """Read the records of ``epoch`` for ``indices`` (all images when None) and warm their images' cache."""
         wanted = np.unique(np.arange(len(self)) if indices is None else np.asarray(list(indices), np.int64))
         by_shard = self.index.shard_of[wanted]
-        tables, order = [], []
-        for s in np.unique(by_shard):
-            chosen = wanted[by_shard == s]
-            rows = np.array([self.row(int(i), epoch) for i in chosen], np.int64)
-            tables.append(self.shards.read_rows(self.index.shards[s], rows))
-            order.append(chosen)
+        order = [wanted[by_shard == s] for s in np.unique(by_shard)]
+        reads = [(self.index.shards[self.index.shard_of[chosen[0]]],
+                  np.array([self.row(int(i), epoch) for i in chosen], np.int64)) for chosen in order]
+        with ThreadPoolExecutor(self.images.threads) as pool:  # pyarrow decodes without the GIL; S3 reads overlap
+            tables = list(pool.map(lambda read: self.shards.read_rows(*read), reads))
         self._records = None  # drop the last epoch's arrays before the new ones are built
         self._records = EpochRecords(pa.concat_tables(tables), self.num_classes)
         self._slot.fill(-1)
@@ -324,3 +329,43 @@ class LabelPool(Dataset):
         view = self._records.view(j)
         partner = self.images.get(view.partner_id) if view.mix == 1 else None
         return compose_view(self.images.get(view.image_id), partner, view, self.size), self._records.target(j)
+
+
+# ----------------------------------------------------------------------------- a sampler that keeps reads local
+
+
+class ShardSampler(Sampler[int]):
+    """Each epoch, whole label shards to each rank (a seeded shuffle, then the rank with the fewest images takes the
+    next shard), cut into equal runs of ceil(N/W) and shuffled within the rank: every image once per epoch (a few
+    repeated to even the ranks, as DistributedSampler pads), and a rank reads about N/W records instead of N.
+    Its batches mix the classes of its own shards only, so use it where a rank holds many shards."""
+
+    def __init__(self, shard_of: np.ndarray, num_replicas: int, rank: int, seed: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.shard_of, self.num_replicas, self.rank, self.seed, self.epoch = shard_of, num_replicas, rank, seed, 0
+        self.num_samples = -(-len(shard_of) // num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def assignment(self) -> list[np.ndarray]:
+        """The image indices of every rank this epoch (the same on every rank)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        members = [np.flatnonzero(self.shard_of == s) for s in range(int(self.shard_of.max()) + 1)]
+        loads, owned = np.zeros(self.num_replicas, np.int64), [[] for _ in range(self.num_replicas)]
+        for s in rng.permutation(len(members)):
+            r = int(np.argmin(loads))
+            owned[r].append(members[s])
+            loads[r] += len(members[s])
+        flat = np.concatenate([np.concatenate(o) if o else np.empty(0, np.int64) for o in owned])
+        bounds = np.linspace(0, len(flat), self.num_replicas + 1).round().astype(int)
+        return [flat[bounds[r] : bounds[r + 1]] for r in range(self.num_replicas)]
+
+    def __iter__(self) -> Iterator[int]:
+        mine = self.assignment()[self.rank]
+        mine = np.random.default_rng([self.seed, self.epoch, self.rank]).permutation(mine)
+        return iter(np.resize(mine if len(mine) else np.arange(len(self.shard_of)), self.num_samples).tolist())

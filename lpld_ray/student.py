@@ -106,6 +106,15 @@ def open_pool(store: "Store", ipc: int, size: int, cfg: TrainConfig, seed: int) 
     return pool
 
 
+def image_sampler(pool: "LabelPool", kind: str, world: int, rank: int, seed: int):  # noqa: F821
+    """This rank's images per epoch: a global shuffle (DistributedSampler), or whole label shards per rank."""
+    from lpld_ray.pool import ShardSampler
+
+    if kind == "shard":
+        return ShardSampler(pool.index.shard_of, world, rank, seed)
+    return DistributedSampler(pool, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+
+
 def student_train_loop(job: StudentJob) -> None:
     """Per-worker loop under Ray Train: KD on the label pool, rank-0 checkpoints, every rank reports."""
     import ray.train
@@ -126,7 +135,7 @@ def student_train_loop(job: StudentJob) -> None:
     pool = open_pool(store, job.ipc, spec.size, cfg, job.seed)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    sampler = DistributedSampler(pool, num_replicas=world, rank=rank, shuffle=True, seed=job.seed)
+    sampler = image_sampler(pool, cfg.sampler, world, rank, job.seed)
     loader = DataLoader(pool, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.loader_workers)
     loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
     student = build_model(cfg.arch, test_set.num_classes, spec.channels, spec.size).to(memory_format=torch.channels_last)

@@ -42,7 +42,9 @@ def fashion_tree(tmp_path_factory):
 
 @pytest.mark.parametrize("preset,extra", [
     ("tiny_imagenet_rn18", []),
-    ("imagenet21kp_rn18", ["train.arch=resnet18_small", "teacher.arch=resnet18_small"]),  # Cutout relabel, no flip
+    # Cutout relabel, no flip; two Ray Train workers (DDP), each reading only the label shards the shard sampler gives it
+    ("imagenet21kp_rn18", ["train.arch=resnet18_small", "teacher.arch=resnet18_small", "train.num_workers=2",
+                           "train.sampler=shard"]),
 ])
 def test_resnet_preset_runs_every_stage_on_an_image_folder(ray_cluster, fashion_tree, tmp_path, preset, extra):
     run_dir = tmp_path / preset

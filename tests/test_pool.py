@@ -15,7 +15,7 @@ from lpld_ray.errors import StorageError
 from lpld_ray.estimate import label_record_bytes
 from lpld_ray.labels import LABELS_OBJECT, LABELS_STAGE, VERSION_KEY, compose_view, image_id_of, sample_view, table_to_parquet
 from lpld_ray.manifest import ShardWriter
-from lpld_ray.pool import ImageSource, LabelPool, LabelShards
+from lpld_ray.pool import ImageSource, LabelPool, LabelShards, ShardSampler
 from lpld_ray.stages import IMAGES_STAGE, encode_png, image_object_name
 from test_labels import CLASSES, IPC, SIDE, make_images, normalize, relabel, tiny_teacher
 
@@ -178,6 +178,10 @@ def test_image_cache_reads_on_demand_and_evicts_least_recent(tmp_path):
     for i in (5, 6, 0):
         assert torch.equal(source.get(i), images[i])
     assert list(source._cache) == [5, 6, 0]  # 0, 1, 2 warmed; 5 and 6 evicted 0 and 1; 0 read again evicted 2
+    assert source.warm([6, 7]) == 1 and list(source._cache) == [6, 0, 7]  # room made by dropping an unused image
+    roomy = ImageSource(store, IPC, cache_bytes=100 * SIDE * SIDE)
+    assert roomy.warm(range(4)) == 4 and roomy.warm(range(4, 8)) == 4 and len(roomy._cache) == 8  # kept while there is room
+    assert roomy.warm(range(8)) == 0
     with pytest.raises(StorageError, match="image 999"):
         source.get(999)
 
@@ -213,3 +217,47 @@ def test_split_or_duplicate_views_are_refused(tmp_path):
         build_index({"a": (np.array([0, 0]), np.array([0, 0]))})
     with pytest.raises(StorageError, match="image 1"):
         build_index({"a": (np.array([1]), np.array([0])), "b": (np.array([1]), np.array([1]))})
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_shard_sampler_covers_every_image_once_with_equal_ranks(world):
+    shard_of = np.repeat(np.arange(7), [10, 10, 10, 10, 10, 10, 4])  # 64 images in 7 shards, the last one short
+    orders = {}
+    for epoch in (0, 1):
+        samplers = [ShardSampler(shard_of, world, r, seed=3) for r in range(world)]
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        ranks = [list(s) for s in samplers]
+        assert {len(r) for r in ranks} == {len(samplers[0])} == {-(-64 // world)}  # DDP needs equal batch counts
+        assignment = samplers[0].assignment()
+        assert sorted(np.concatenate(assignment).tolist()) == list(range(64))  # each image to exactly one rank
+        for r, indices in enumerate(ranks):
+            assert set(indices) == set(assignment[r].tolist()) and indices == list(samplers[r])  # padding repeats its own
+            assert len(set(shard_of[indices].tolist())) <= -(-7 // world) + 2  # whole shards, cut at most at both ends
+        orders[epoch] = ranks
+    assert orders[0] != orders[1]
+
+
+def test_shard_sampler_lets_a_rank_read_only_its_shards(tmp_path, monkeypatch):
+    cfg = RelabelConfig(epochs=4, compression=2.0, mix="cutmix")
+    images = make_images(classes=4, ipc=IPC)
+    store = None
+    for c in range(4):
+        store, *_ = relabel(tmp_path, cfg, [image_id_of(c, i, IPC) for i in range(IPC)], images=images,
+                            shard=f"shard-{c:05d}")
+    commit_images(store, images)
+    pool = open_pool(store)
+    assert len(pool.index.shards) == 4
+    calls = spy_row_groups(monkeypatch)
+    touched = {}
+    for kind in ("global", "shard"):
+        from lpld_ray.student import image_sampler
+
+        sampler = image_sampler(pool, kind, 2, 0, seed=1)
+        sampler.set_epoch(2)
+        calls.clear()
+        pool.set_epoch(2, list(sampler))
+        touched[kind] = len(calls)
+        for i in set(sampler):
+            pool[i]
+    assert touched == {"global": 4, "shard": 2}  # label shards read by rank 0 of 2
