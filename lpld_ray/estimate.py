@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +71,14 @@ def label_record_bytes(num_classes: int) -> int:
     return num_classes * LOGIT_BYTES + aug_bytes_per_row(label_schema(num_classes))
 
 
+def label_records(num_images: int, epochs: int, compression: float) -> int:
+    """Views kept at compression k, as lpld_ray.labels.view_counts keeps them: round(N*E/k), at least one per image."""
+    return max(num_images, math.floor(num_images * epochs / compression + 0.5))
+
+
 def label_bytes(num_images: int, epochs: int, compression: float, num_classes: int) -> int:
-    """Label storage at compression k: round(N*E/k) views kept, each one record."""
-    return round(num_images * epochs / compression) * label_record_bytes(num_classes)
+    """Label storage at compression k: one record per kept view."""
+    return label_records(num_images, epochs, compression) * label_record_bytes(num_classes)
 
 
 def image_bytes(num_images: int, channels: int, size: int) -> int:
@@ -96,7 +102,7 @@ class LoaderMemory:
 
 def loader_memory(cfg: Config, shape: DatasetShape) -> LoaderMemory:
     images = shape.num_classes * cfg.recover.ipc
-    views = max(images, round(images * cfg.relabel.epochs / cfg.relabel.compression))
+    views = label_records(images, cfg.relabel.epochs, cfg.relabel.compression)
     per_rank = -(-images // cfg.train.num_workers)
     sample = shape.channels * shape.size ** 2 * 4 + shape.num_classes * 4
     in_flight = 1 + 2 * cfg.train.loader_workers
@@ -143,6 +149,16 @@ def peak_memory(cfg: Config, shape: DatasetShape) -> PeakMemory:
     return PeakMemory(recover, relabel, train)
 
 
+def squeeze_sum_bytes(cfg: Config, shape: DatasetShape) -> int:
+    """One data partition's float64 sums (lpld_ray.squeeze.BNSums): per class and BN layer a count, and per channel
+    a sum and a sum of squares. The driver holds two at a time while it adds them up."""
+    from lpld_ray.models import bn_layers, build_model
+
+    with torch.device("meta"):
+        layers = bn_layers(build_model(cfg.teacher.arch, shape.num_classes, shape.channels, shape.size))
+    return 8 * shape.num_classes * (len(layers) + 2 * sum(layer.num_features for layer in layers))
+
+
 def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
     """The human plan: work units per stage, storage per compression, memory per worker, actors."""
     from lpld_ray.stages import plan_class_shards
@@ -154,7 +170,8 @@ def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
     lines = [
         f"dataset: {shape.num_classes:,} classes, {shape.channels}x{shape.size}x{shape.size}, train images {seen}",
         f"teacher: {'given weights ' + cfg.teacher.weights if cfg.teacher.weights else f'{cfg.teacher.epochs} epochs with Ray Train'}",
-        f"squeeze: {cfg.squeeze.partitions} data partitions -> {shards} class shards (+ global)",
+        f"squeeze: {cfg.squeeze.partitions} data partitions -> {shards} class shards (+ global); "
+        f"{human(squeeze_sum_bytes(cfg, shape))} of sums per partition, two held by the driver",
         f"recover: {shards} class shards of {cfg.runner.class_shard_size} classes, {images:,} images x "
         f"{cfg.recover.iterations} iterations; images ~{human(image_bytes(images, shape.channels, shape.size))} (PNG)",
         f"relabel: {shards} class shards, {cfg.relabel.epochs} epochs of views, "

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lpld_ray.augment import CropBox, randint, resized_crop, sample_crop, uniform
 from lpld_ray.config import RelabelConfig
 from lpld_ray.errors import StorageError
-from lpld_ray.manifest import ShardWriter, read_object, verify_shard
+from lpld_ray.manifest import Manifest, ShardWriter, current_shard, read_object, verify_shard
 from lpld_ray.storage import Store
 
 log = logging.getLogger(__name__)
@@ -236,12 +236,23 @@ def table_to_parquet(table: pa.Table, row_groups: list[int] | None = None) -> by
     return sink.getvalue().to_pybytes()
 
 
-def check_label_schema(schema: pa.Schema) -> None:
+def check_label_schema(schema: pa.Schema, where: str = "label table") -> None:
     """StorageError unless ``schema`` carries the supported label schema version and a class count."""
     meta = schema.metadata or {}
     found = meta.get(VERSION_KEY, b"missing").decode("utf-8", "replace")
     if found != str(LABEL_SCHEMA_VERSION) or NUM_CLASSES_KEY not in meta:
-        raise StorageError(f"label table schema version {found} is not supported (supported: {LABEL_SCHEMA_VERSION})")
+        raise StorageError(f"{where} has label schema version {found}, which is not supported "
+                           f"(supported: {LABEL_SCHEMA_VERSION}): re-run the relabel stage")
+
+
+def current_labels(store: Store, shard: str, inputs: str) -> Manifest | None:
+    """The labels shard's manifest when it verifies, was made from ``inputs`` and has this schema version; None: redo."""
+    manifest = current_shard(store, LABELS_STAGE, shard, inputs)
+    if manifest is not None and manifest.meta.get("schema_version") != LABEL_SCHEMA_VERSION:
+        log.warning("labels/%s has label schema version %s, not %d; redoing it", shard,
+                    manifest.meta.get("schema_version"), LABEL_SCHEMA_VERSION)
+        return None
+    return manifest
 
 
 def read_label_table(data: bytes) -> pa.Table:

@@ -184,3 +184,11 @@ def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], uri: str) -
     if unexpected:
         raise ModelError(f"teacher weights '{uri}' do not fit the model: unexpected key '{unexpected[0]}' "
                          f"({len(unexpected)} keys the model does not have)")
+
+
+def build_teacher(arch: str, state: bytes, num_classes: int, channels: int, size: int) -> nn.Module:
+    """The teacher from its state dict bytes, in eval mode, on the GPU when there is one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(arch, num_classes, channels, size)
+    load_weights_bytes(model, state, source="teacher")
+    return model.to(device).eval()

@@ -39,6 +39,19 @@ def check_stage_inputs(cfg: Config, store: Store, stages: list[str], shards: lis
             require_stage(store, IMAGES_STAGE, names, stage, "recover", fresh)
     if "train" in stages and "relabel" not in stages:
         require_stage(store, LABELS_STAGE, names, "train", "relabel", fresh)
+        require_label_schema(store, names)
+
+
+def require_label_schema(store: Store, names: list[str]) -> None:
+    """Fail with one line naming the shard when a labels shard has a schema version this lpld_ray cannot read."""
+    from lpld_ray.labels import LABEL_SCHEMA_VERSION, LABELS_STAGE
+
+    for name in names:
+        manifest = read_manifest(store, LABELS_STAGE, name)
+        found = manifest.meta.get("schema_version") if manifest else LABEL_SCHEMA_VERSION
+        if found != LABEL_SCHEMA_VERSION:
+            raise LpldError(f"train cannot read {LABELS_STAGE}/{name}: label schema version {found} is not supported "
+                            f"(supported: {LABEL_SCHEMA_VERSION}): run with --stages relabel,train to redo it")
 
 
 def require_verified(store: Store, stage: str, names: list[str], needed_by: str, producer: str) -> None:

@@ -95,7 +95,7 @@ class LabelShards:
             try:
                 parquet = pq.ParquetFile(handle, metadata=self._meta.get(name), page_checksum_verification=True)
                 if name not in self._meta:
-                    check_label_schema(parquet.schema_arrow)
+                    check_label_schema(parquet.schema_arrow, f"label shard '{name}'")
                     self._meta[name] = parquet.metadata
                     self.num_classes = int(parquet.schema_arrow.metadata[NUM_CLASSES_KEY])
                 yield parquet

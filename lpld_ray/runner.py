@@ -14,7 +14,9 @@ import ray
 import torch
 
 from lpld_ray.config import Config, DataConfig, RecoverConfig, RelabelConfig, RunnerConfig
-from lpld_ray.models import build_model, load_weights_bytes
+from lpld_ray.models import build_teacher
+from lpld_ray.progress import Progress
+from lpld_ray.squeeze import reduce_in_order
 from lpld_ray.plan import STAGE_ORDER, require_verified
 from lpld_ray.stages import (
     GLOBAL_SHARD,
@@ -32,30 +34,21 @@ from lpld_ray.stages import (
 from lpld_ray.errors import LpldError
 from lpld_ray.manifest import current_shard, inputs_digest, read_manifest
 from lpld_ray.storage import Store, storage_options
-from lpld_ray.teacher import TEACHER_SHARD, TEACHER_STAGE, TeacherJob, teacher_state_bytes, teacher_train_loop
+from lpld_ray.teacher import (
+    GIVEN_SHARD,
+    TEACHER_SHARD,
+    TEACHER_STAGE,
+    TeacherJob,
+    commit_given_teacher,
+    evaluate_given_teacher,
+    recorded_teacher_top1,
+    teacher_state_bytes,
+    teacher_train_loop,
+)
 
 log = logging.getLogger(__name__)
 
 SHEET_CLASSES = 100  # rows of the contact sheet
-
-
-class Progress:
-    """Logs shards done/total, rate and ETA for one stage, at most every ``every_s`` seconds."""
-
-    def __init__(self, stage: str, total: int, every_s: float) -> None:
-        self.stage, self.total, self.every_s = stage, total, every_s
-        self.done, self.started, self.last = 0, time.time(), 0.0
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        now = time.time()
-        if now - self.last >= self.every_s or self.done == self.total:
-            self.last = now
-            elapsed = now - self.started
-            rate = self.done / elapsed if elapsed > 0 else 0.0
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            log.info("%s: %d/%d shards, %.2f shards/min, elapsed %.0fs, ETA %.0fs",
-                     self.stage, self.done, self.total, rate * 60, elapsed, eta)
 
 
 def init_ray() -> None:
@@ -96,13 +89,6 @@ def planned_actors(runner: RunnerConfig) -> str:
     count = runner.num_workers or (int(gpus) if gpus else max(1, int(cpus) // runner.cpus_per_worker))
     unit = f"{int(gpus)} GPUs, one actor each" if gpus else f"{int(cpus)} CPUs, {runner.cpus_per_worker} per actor"
     return f"{count} on {where} ({unit})"
-
-
-def build_teacher(arch: str, state: bytes, num_classes: int, channels: int, size: int) -> torch.nn.Module:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(arch, num_classes, channels, size)
-    load_weights_bytes(model, state, source="teacher")
-    return model.to(device).eval()
 
 
 @ray.remote
@@ -153,11 +139,25 @@ def squeeze_task(data: DataConfig, arch: str, state: bytes, batch_size: int, par
     return squeeze_partition(teacher, data, batch_size, partition, partitions)
 
 
+@ray.remote
+def evaluate_teacher_task(data: DataConfig, arch: str, state: bytes, batch_size: int, threads: int) -> float:
+    torch.set_num_threads(threads)
+    return evaluate_given_teacher(data, arch, state, batch_size)
+
+
 def raise_user_error(err: ray.exceptions.RayTaskError) -> None:
     """Re-raise a task's LpldError (e.g. the store became unreachable) as itself: one line, not a traceback."""
     if isinstance(err.cause, LpldError):
         raise err.cause from None
     raise err
+
+
+def get_or_raise(ref: ray.ObjectRef) -> Any:
+    """``ray.get`` with a task's LpldError raised as itself."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        raise_user_error(err)
 
 
 def run_shard_queue(
@@ -247,11 +247,19 @@ def recover_inputs(cfg: RecoverConfig, store: Store, shard: ClassShard) -> str:
     return inputs_digest(store, (STATS_STAGE,), [shard.name if cfg.batching == "class_wise" else GLOBAL_SHARD])
 
 
-def run_teacher(cfg: Config, store: Store) -> dict:
-    """Train the teacher with Ray Train unless weights are given or a verified teacher exists."""
+def run_teacher(cfg: Config, store: Store, state_ref: ray.ObjectRef | None, teacher_sha: str) -> dict:
+    """Train the teacher with Ray Train unless a verified one exists; given weights are evaluated on the test set."""
     if cfg.teacher.weights:
-        log.info("teacher: using given weights %s", cfg.teacher.weights)
-        return {"skipped": True}
+        given = current_shard(store, TEACHER_STAGE, GIVEN_SHARD, teacher_sha)
+        if given is None:
+            task = evaluate_teacher_task.options(**actor_options(cfg.runner))
+            top1 = get_or_raise(task.remote(cfg.data, cfg.teacher.arch, state_ref, cfg.teacher.batch_size,
+                                            cfg.runner.cpus_per_worker))
+            commit_given_teacher(store, top1, teacher_sha, cfg.seed)
+        else:
+            top1 = given.meta["test_top1"]
+        log.info("teacher: given weights %s, test top-1 %.4f", cfg.teacher.weights, top1)
+        return {"test_top1": top1, "given": True}
     job = TeacherJob(cfg.data, cfg.teacher, store.root, store.storage_options, cfg.seed)
     spec = TrainerSpec(cfg.teacher.num_workers, cfg.teacher.cpus_per_worker)
     manifest = train_once(store, TEACHER_STAGE, TEACHER_SHARD, teacher_train_loop, job, spec)
@@ -267,24 +275,15 @@ def run_squeeze(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
         log.info("squeeze: all %d stats shards verified; skipping", len(names))
         return {"shards_written": 0}
     parts = cfg.squeeze.partitions
-    refs = [
-        squeeze_task.options(num_cpus=cfg.runner.cpus_per_worker).remote(
-            cfg.data, cfg.teacher.arch, state_ref, cfg.squeeze.batch_size, p, parts, cfg.runner.cpus_per_worker
-        )
-        for p in range(parts)
-    ]
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.runner.cpus_per_worker)
+    window = 2 * slots  # partition sums in flight: what the object store holds of them; the driver holds two
+
+    def submit(p: int) -> ray.ObjectRef:
+        return squeeze_task.options(num_cpus=cfg.runner.cpus_per_worker).remote(
+            cfg.data, cfg.teacher.arch, state_ref, cfg.squeeze.batch_size, p, parts, cfg.runner.cpus_per_worker)
+
     progress = Progress("squeeze", parts, cfg.runner.progress_every_s)
-    pending = list(refs)
-    while pending:
-        _ready, pending = ray.wait(pending, num_returns=1)
-        progress.advance()
-    try:
-        sums = ray.get(refs)
-    except ray.exceptions.RayTaskError as err:
-        raise_user_error(err)
-    total = sums[0]
-    for part in sums[1:]:  # in partition order, so float64 sums are the same on every run
-        total = total + part
+    total = reduce_in_order(submit, parts, window, get_or_raise, progress.advance)
     written = write_stats(store, total, shards, cfg.seed, teacher_sha)
     log.info("squeeze: committed %d stats shards (%d were missing)", written, len(missing))
     return {"shards_written": written}
@@ -317,11 +316,11 @@ def run_recover(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
 def run_relabel(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef, num_classes: int,
                 teacher_sha: str) -> dict:
     """One label shard per class shard; every images shard must exist (CutMix partners come from any class)."""
-    from lpld_ray.labels import LABELS_STAGE
+    from lpld_ray.labels import current_labels
 
     images = inputs_digest(store, (IMAGES_STAGE,), [s.name for s in shards])  # CutMix partners come from any shard
     inputs = hashlib.sha256(f"{images}:{teacher_sha}".encode()).hexdigest()
-    pending = [s for s in shards if current_shard(store, LABELS_STAGE, s.name, inputs) is None]
+    pending = [s for s in shards if current_labels(store, s.name, inputs) is None]
     log.info("relabel: %d of %d class shards to do", len(pending), len(shards))
     if pending:
         run_shard_queue(
@@ -358,10 +357,9 @@ def run_report(cfg: Config, store: Store, summary: dict[str, dict]) -> dict:
     from lpld_ray.report import build_report, human_summary, write_report
     from lpld_ray.student import STUDENT_SHARD, STUDENT_STAGE
 
-    teacher = read_manifest(store, TEACHER_STAGE, TEACHER_SHARD)
     student = read_manifest(store, STUDENT_STAGE, STUDENT_SHARD)
     walls = {stage: part["wall_seconds"] for stage, part in summary.items()}
-    report = build_report(store, cfg, teacher.meta.get("test_top1") if teacher else None,
+    report = build_report(store, cfg, recorded_teacher_top1(store, bool(cfg.teacher.weights)),
                           student.meta.get("student_top1") if student else None, walls)
     uri = write_report(store, report)
     log.info("report: %s", uri)
@@ -375,15 +373,16 @@ def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int)
     init_ray()
     summary: dict[str, dict] = {}
     state_ref, teacher_sha = None, ""
+    needs_state = {"squeeze", "recover", "relabel"} | ({"teacher"} if cfg.teacher.weights else set())
     for stage in STAGE_ORDER:
         if stage not in stages:
             continue
         started = time.time()
-        if stage in ("squeeze", "recover", "relabel") and state_ref is None:
+        if stage in needs_state and state_ref is None:
             state = teacher_state_bytes(store, cfg.teacher, storage_options(cfg.storage, cfg.teacher.weights or ""))
             state_ref, teacher_sha = ray.put(state), hashlib.sha256(state).hexdigest()  # in the object store once
         if stage == "teacher":
-            summary[stage] = run_teacher(cfg, store)
+            summary[stage] = run_teacher(cfg, store, state_ref, teacher_sha)
         elif stage == "squeeze":
             summary[stage] = run_squeeze(cfg, store, shards, state_ref, teacher_sha)
         elif stage == "recover":

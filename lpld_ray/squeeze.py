@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
+from collections import deque
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -116,3 +117,19 @@ def accumulate_bn_sums(
             h.remove()
         model.train(was_training)
     return acc
+
+
+def reduce_in_order(submit: Callable[[int], Any], count: int, window: int, get: Callable[[Any], Any],
+                    on_part: Callable[[], None] = lambda: None) -> Any:
+    """get(submit(0)) + ... + get(submit(count - 1)), added in index order (float sums come out the same on every
+    run), with at most ``window`` parts submitted and not yet got."""
+    submitted = deque(submit(i) for i in range(min(window, count)))
+    total, next_index = None, len(submitted)
+    while submitted:
+        part = get(submitted.popleft())
+        total = part if total is None else total + part
+        on_part()
+        if next_index < count:
+            submitted.append(submit(next_index))
+            next_index += 1
+    return total

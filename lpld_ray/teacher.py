@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 TEACHER_STAGE = "teacher"
 TEACHER_SHARD = "model"
 TEACHER_OBJECT = "teacher.pt"
+GIVEN_SHARD = "given"  # the test top-1 of user-given weights (teacher.weights)
+GIVEN_OBJECT = "eval.json"
 
 
 @dataclass(frozen=True)
@@ -92,3 +95,31 @@ def teacher_state_bytes(store: "Store", cfg: TeacherConfig, weights_options: dic
     if manifest is None:
         raise LpldError("no teacher in the run and no teacher.weights given: run the teacher stage or set teacher.weights")
     return read_object(store, TEACHER_STAGE, TEACHER_SHARD, TEACHER_OBJECT, manifest)
+
+
+def evaluate_given_teacher(data: DataConfig, arch: str, state: bytes, batch_size: int) -> float:
+    """Test top-1 of given teacher weights on the real test set, on the GPU when there is one."""
+    from lpld_ray.models import build_teacher
+
+    test_set = load_dataset(data, "test")
+    spec = test_set.spec
+    model = build_teacher(arch, state, test_set.num_classes, spec.channels, spec.size)
+    device = next(model.parameters()).device
+    return evaluate(model, DataLoader(test_set, batch_size=batch_size), spec, device)
+
+
+def commit_given_teacher(store: "Store", test_top1: float, weights_sha: str, seed: int) -> None:
+    """Record the given weights' test top-1 (and which weights: their sha256) as the teacher/given shard."""
+    from lpld_ray.manifest import ShardWriter
+
+    writer = ShardWriter(store, TEACHER_STAGE, GIVEN_SHARD)
+    writer.put(GIVEN_OBJECT, json.dumps({"test_top1": test_top1, "weights_sha256": weights_sha}).encode())
+    writer.commit(seed, {"test_top1": test_top1, "inputs": weights_sha})
+
+
+def recorded_teacher_top1(store: "Store", weights_given: bool) -> float | None:
+    """The teacher's test top-1 as the run recorded it: of the given weights, or of the teacher trained here."""
+    from lpld_ray.manifest import read_manifest
+
+    manifest = read_manifest(store, TEACHER_STAGE, GIVEN_SHARD if weights_given else TEACHER_SHARD)
+    return manifest.meta.get("test_top1") if manifest else None

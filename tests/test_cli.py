@@ -74,20 +74,35 @@ def test_new_run_dir_not_created_on_bad_input(tmp_path):
     assert not run.exists()
 
 
-def test_train_without_labels_names_the_missing_stage(tmp_path):
+def committed_shards(run, stage: str, meta: dict | None = None) -> None:
+    """The preset's 10 classes in two shards of 5, committed with a placeholder object each."""
     from lpld_ray.manifest import ShardWriter
     from lpld_ray.storage import Store
 
+    for index in range(2):
+        writer = ShardWriter(Store(str(run)), stage, f"shard-{index:05d}")
+        writer.put(f"{index * 5:05d}_0000.png" if stage == "images" else "labels.parquet", b"not checked here")
+        writer.commit(seed=0, meta=meta)
+
+
+def test_train_without_labels_names_the_missing_stage(tmp_path):
     run = tmp_path / "images_only"
-    store = Store(str(run))
-    for index in range(2):  # the preset's 10 classes in shards of 5
-        writer = ShardWriter(store, "images", f"shard-{index:05d}")
-        writer.put(f"{index * 5:05d}_0000.png", b"not checked here")
-        writer.commit(seed=0)
+    committed_shards(run, "images")
     before = tree_snapshot(run)
     result = run_cli(["--config", "jobs/configs/fashion_mnist.yaml", "--run-dir", str(run), "--stages", "train"])
     assert_one_line_error(result, "train needs the relabel stage's output")
     assert "labels/shard-00000 is missing" in result.stderr
+    assert tree_snapshot(run) == before
+
+
+def test_train_on_labels_of_an_unknown_schema_version_names_the_shard(tmp_path):
+    run = tmp_path / "future_labels"
+    committed_shards(run, "images")
+    committed_shards(run, "labels", {"schema_version": 2, "records": 1})
+    before = tree_snapshot(run)
+    result = run_cli(["--config", "jobs/configs/fashion_mnist.yaml", "--run-dir", str(run), "--stages", "train"])
+    assert_one_line_error(result, "train cannot read labels/shard-00000: label schema version 2 is not supported "
+                                  "(supported: 1): run with --stages relabel,train")
     assert tree_snapshot(run) == before
 
 

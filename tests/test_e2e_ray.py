@@ -117,3 +117,7 @@ def test_training_resumes_from_checkpoint(ray_cluster, finished_run, tmp_path):
     assert manifest is not None
     assert 20 <= manifest.meta["resumed_from"] < 400
     assert "resuming from the checkpoint of epoch" in result.stdout + result.stderr
+    # given teacher weights are evaluated on the test set, so the report has the teacher's top-1 all the same
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    trained = json.loads((source / "report" / "report.json").read_text())["teacher_top1"]
+    assert report["teacher_top1"] == pytest.approx(trained, abs=0.01), (report["teacher_top1"], trained)

@@ -6,7 +6,8 @@ import pytest
 from conftest import run_cli
 
 from lpld_ray.config import load_config
-from lpld_ray.estimate import GIB, activation_bytes, dataset_shape, label_bytes, label_record_bytes, loader_memory, plan_lines
+from lpld_ray.estimate import (GIB, activation_bytes, dataset_shape, label_bytes, label_record_bytes, loader_memory, plan_lines,
+                               squeeze_sum_bytes)
 
 # (preset, ipc, compression, the paper's label storage in GB; its figures match GiB)
 PAPER = [
@@ -36,6 +37,22 @@ def test_estimate_matches_a_real_label_pool():
     """The Fashion-MNIST IPC10 runs stored 2,130,000 label bytes at k=1 (docs/RESULTS.md): 100 images x 300 views x 71 B."""
     assert label_bytes(100, 300, 1, 10) == 2_130_000
     assert label_bytes(100, 300, 40, 10) == 53_250
+
+
+def test_squeeze_sums_at_21k_classes():
+    """ResNet-18 has 20 BN layers with 4,800 channels in all: 10,450 classes x (20 + 2 x 4,800) float64 per partition."""
+    cfg = load_config("jobs/configs/imagenet21kp_rn18.yaml")
+    shape = dataset_shape(cfg.data)
+    assert squeeze_sum_bytes(cfg, shape) == 10_450 * (20 + 2 * 4_800) * 8  # 804 MB: why the driver adds them as they come
+
+
+@pytest.mark.parametrize("images,epochs,k", [(100, 300, 40), (37, 300, 7.5), (100, 10, 40), (10, 1, 100), (999, 3, 2)])
+def test_estimated_records_are_the_views_relabel_keeps(images, epochs, k):
+    """Including k > E, where every image still keeps one view."""
+    from lpld_ray.labels import view_counts
+
+    kept = int(view_counts(images, epochs, k, seed=0).sum())
+    assert label_bytes(images, epochs, k, 10) == kept * label_record_bytes(10)
 
 
 def test_activation_count_uses_shapes_only():

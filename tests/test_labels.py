@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 
 import pyarrow as pa
 import pytest
@@ -15,6 +16,7 @@ from lpld_ray.labels import (
     LABELS_OBJECT,
     LABELS_STAGE,
     VERSION_KEY,
+    current_labels,
     image_id_of,
     label_bytes,
     read_label_shard,
@@ -26,7 +28,7 @@ from lpld_ray.labels import (
     table_to_parquet,
     view_counts,
 )
-from lpld_ray.manifest import verify_shard
+from lpld_ray.manifest import MANIFEST_NAME, read_manifest, verify_shard
 from lpld_ray.storage import Store
 
 CLASSES, IPC, SIDE = 3, 4, 16
@@ -140,6 +142,17 @@ def test_parquet_round_trip_and_schema_version_check(tmp_path):
         read_label_table(table_to_parquet(table.replace_schema_metadata({})))
     with pytest.raises(StorageError, match="Parquet"):
         read_label_table(b"not parquet")
+
+
+def test_a_labels_shard_of_another_schema_version_is_redone(tmp_path):
+    store, meta, *_ = relabel(tmp_path, RelabelConfig(epochs=2), [0, 1], shard="shard-00000")
+    inputs = meta.get("inputs", "")
+    assert current_labels(store, "shard-00000", inputs) is not None
+    manifest = read_manifest(store, LABELS_STAGE, "shard-00000")
+    newer = dataclasses.replace(manifest, meta={**manifest.meta, "schema_version": LABEL_SCHEMA_VERSION + 1})
+    store.write_text(f"{LABELS_STAGE}/shard-00000/{MANIFEST_NAME}", newer.to_json())
+    assert verify_shard(store, LABELS_STAGE, "shard-00000") is not None  # its objects are intact ...
+    assert current_labels(store, "shard-00000", inputs) is None  # ... but this lpld_ray cannot read them: redo
 
 
 @pytest.mark.parametrize("field,value", [("compression", 0.5), ("epochs", 0), ("cutmix_beta", 0.0),

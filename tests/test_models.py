@@ -217,3 +217,26 @@ def test_bad_sizes():
         build_model("resnet18", 0, 3, 32)
     with pytest.raises(ModelError, match="8 px"):
         build_model("convnet", 10, 1, 4)
+
+
+def test_given_teacher_weights_are_evaluated_and_recorded(tmp_path):
+    """teacher.weights skips training, but the report still gets the teacher's test top-1 (teacher/given)."""
+    from lpld_ray.config import DataConfig
+    from lpld_ray.data import load_dataset, normalize
+    from lpld_ray.storage import Store
+    from lpld_ray.teacher import commit_given_teacher, evaluate_given_teacher, recorded_teacher_top1
+
+    torch.manual_seed(0)
+    data = DataConfig(name="digits")
+    test_set = load_dataset(data, "test")
+    model = build_model("convnet", test_set.num_classes, test_set.spec.channels, test_set.spec.size).eval()
+    with torch.no_grad():  # the expected accuracy, by hand over the whole test set
+        logits = model(normalize(torch.stack([test_set[i][0] for i in range(len(test_set))]), test_set.spec))
+    expected = (logits.argmax(1) == torch.tensor([test_set[i][1] for i in range(len(test_set))])).float().mean().item()
+    top1 = evaluate_given_teacher(data, "convnet", save_weights_bytes(model), batch_size=64)
+    assert top1 == pytest.approx(expected, abs=1.5 / len(test_set))  # batching may flip a near-tie, no more
+    store = Store(str(tmp_path / "run"))
+    assert recorded_teacher_top1(store, weights_given=True) is None
+    commit_given_teacher(store, top1, "ab" * 32, seed=0)
+    assert recorded_teacher_top1(store, weights_given=True) == top1
+    assert recorded_teacher_top1(store, weights_given=False) is None  # no teacher was trained in this run

@@ -78,3 +78,24 @@ def test_sums_round_trip_bytes_and_select():
     picked = sums.select([2, 0])
     assert torch.equal(picked.sums[1][0], sums.sums[1][2])
     assert torch.equal(picked.counts[2][1], sums.counts[2][0])
+
+
+def test_partition_sums_are_added_in_order_with_a_bounded_window():
+    """The driver's reduce: parts added in partition order, never more than ``window`` submitted and not yet got."""
+    from lpld_ray.squeeze import reduce_in_order
+
+    outstanding, peak, order = set(), [0], []
+
+    def submit(i: int) -> int:
+        outstanding.add(i)
+        peak[0] = max(peak[0], len(outstanding))
+        return i
+
+    def get(i: int) -> list[int]:
+        outstanding.remove(i)
+        order.append(i)
+        return [i]
+
+    assert reduce_in_order(submit, 9, 4, get) == list(range(9))  # list + list: the order parts were added in
+    assert order == list(range(9)) and peak[0] == 4 and not outstanding
+    assert reduce_in_order(submit, 2, 4, get) == [0, 1] and reduce_in_order(submit, 1, 1, get) == [0]
