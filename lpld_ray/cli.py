@@ -54,8 +54,9 @@ def preflight(cfg: Config, run_dir: str) -> tuple["Store", int]:
     root = run_dir if "://" in run_dir else os.path.abspath(run_dir)
     store = Store(root, storage_options(cfg.storage, root))
     store.check_reachable()
-    check_dataset(cfg.data)
-    probe = load_dataset(cfg.data, "test")
+    data_options = storage_options(cfg.storage, cfg.data.root)
+    check_dataset(cfg.data, data_options)
+    probe = load_dataset(cfg.data, "test", data_options)
     if cfg.teacher.weights:
         options = storage_options(cfg.storage, cfg.teacher.weights)
         load_weights(build_model(cfg.teacher.arch, probe.num_classes, probe.spec.channels, probe.spec.size),

@@ -1,4 +1,4 @@
-"""Real datasets addressable by class: Fashion-MNIST idx files, sklearn digits, ImageFolder trees."""
+"""Real datasets addressable by class: Fashion-MNIST idx files, sklearn digits, ImageFolder trees (lpld_ray.folder)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from lpld_ray.config import DATASETS, DataConfig
 from lpld_ray.errors import DataError
@@ -19,7 +18,6 @@ from lpld_ray.errors import DataError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -73,6 +71,10 @@ class ClassDataset(torch.utils.data.Dataset):
             return torch.empty(0, self.spec.channels, self.spec.size, self.spec.size)
         return torch.stack([self.image(int(i)) for i in idx])
 
+    def subset(self, idx: torch.Tensor) -> "ClassDataset":
+        """The samples at ``idx`` (in that order), as a dataset of the same kind and classes."""
+        raise NotImplementedError
+
     def indices_of_class(self, c: int) -> torch.Tensor:
         return torch.nonzero(self.targets == c).flatten()
 
@@ -103,34 +105,8 @@ class TensorClassDataset(ClassDataset):
     def images(self, idx: torch.Tensor) -> torch.Tensor:
         return self.pixels[idx].to(torch.float32) / self.scale
 
-
-class FolderClassDataset(ClassDataset):
-    """Image files decoded lazily: RGB, shorter side resized to ``spec.size``, centre crop."""
-
-    def __init__(self, files: list[str], targets: torch.Tensor, spec: ImageSpec, class_names: list[str]) -> None:
-        super().__init__(spec, targets, class_names)
-        self.files = files
-
-    def image(self, i: int) -> torch.Tensor:
-        return decode_image(self.files[i], self.spec.size)
-
-
-def decode_image(path: str, size: int) -> torch.Tensor:
-    """Decode one file to float32 [3,size,size] in [0,1]: resize shorter side, centre crop."""
-    try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot decode image '{path}': {err}") from err
-    w, h = rgb.size
-    if min(w, h) != size:
-        scale = size / min(w, h)
-        w, h = max(size, round(w * scale)), max(size, round(h * scale))
-        rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
-    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
-    rgb = rgb.crop((left, top, left + size, top + size))
-    arr = np.array(rgb, dtype=np.uint8)
-    return torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32) / 255.0
+    def subset(self, idx: torch.Tensor) -> "TensorClassDataset":
+        return TensorClassDataset(self.pixels[idx], self.targets[idx], self.scale, self.spec, self.class_names)
 
 
 def normalize(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
@@ -153,8 +129,18 @@ def _channel_stats(x: torch.Tensor, spec: ImageSpec) -> tuple[torch.Tensor, torc
     return mean, std
 
 
-def load_dataset(cfg: DataConfig, split: str) -> ClassDataset:
-    """Load ``split`` ("train" or "test") of the dataset ``cfg`` names, with its class/count limits."""
+def image_spec(cfg: DataConfig) -> ImageSpec:
+    """Shape and normalisation of the configured dataset's images, without reading it."""
+    if cfg.name == "fashion_mnist":
+        return FASHION_SPEC
+    if cfg.name == "digits":
+        return DIGITS_SPEC
+    return ImageSpec(3, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def load_dataset(cfg: DataConfig, split: str, options: dict | None = None) -> ClassDataset:
+    """Load ``split`` ("train" or "test") of the dataset ``cfg`` names, with its class/count limits
+    (``options``: fsspec options of an image_folder root on object storage)."""
     if split not in SPLITS:
         raise DataError(f"unknown dataset split '{split}': choose one of {', '.join(SPLITS)}")
     if cfg.name == "fashion_mnist":
@@ -162,30 +148,31 @@ def load_dataset(cfg: DataConfig, split: str) -> ClassDataset:
     elif cfg.name == "digits":
         ds = _load_digits(cfg, split)
     elif cfg.name == "image_folder":
-        ds = _load_folder(cfg, split)
+        from lpld_ray.folder import load_folder
+
+        ds = load_folder(cfg, split, options)
     else:
         raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASETS)}")
     log.info("loaded %s %s: %d images, %d classes", cfg.name, split, len(ds), ds.num_classes)
     return ds
 
 
-def check_dataset(cfg: DataConfig) -> None:
+def check_dataset(cfg: DataConfig, options: dict | None = None) -> None:
     """Cheap pre-flight: the files or folders exist and ``num_classes`` fits; raises DataError."""
     if cfg.name == "fashion_mnist":
         root = _local_root(cfg.root)
         for split in SPLITS:
             for name in FASHION_FILES[split]:
                 _require_fashion_file(root / name)
-        _class_count(cfg, len(FASHION_CLASSES))
+        class_count(cfg, len(FASHION_CLASSES))
     elif cfg.name == "digits":
         if importlib.util.find_spec("sklearn") is None:
             raise DataError(DIGITS_NEEDS_SKLEARN)
-        _class_count(cfg, 10)
+        class_count(cfg, 10)
     elif cfg.name == "image_folder":
-        root = _local_root(cfg.root)
-        _class_count(cfg, len(_folder_classes(root)))
-        if not (root / "val").is_dir():
-            raise DataError(f"image_folder root '{root}' has no val/ folder (expected root/val/<class>/*.png|jpg)")
+        from lpld_ray.folder import check_folder
+
+        check_folder(cfg, options)
     else:
         raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASETS)}")
 
@@ -198,7 +185,7 @@ def _local_root(root: str) -> Path:
     return Path(root).expanduser()
 
 
-def _class_count(cfg: DataConfig, available: int) -> int:
+def class_count(cfg: DataConfig, available: int) -> int:
     """Number of classes to keep: cfg.num_classes, checked against what the dataset has."""
     n = available if cfg.num_classes is None else cfg.num_classes
     if not 1 <= n <= available:
@@ -217,9 +204,9 @@ def _class_rank(labels: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def _select(labels: torch.Tensor, cfg: DataConfig, split: str, available: int) -> tuple[torch.Tensor, int]:
+def select_indices(labels: torch.Tensor, cfg: DataConfig, split: str, available: int) -> tuple[torch.Tensor, int]:
     """Indices kept (in file order) after the num_classes and, for train, train_per_class limits; and N."""
-    n = _class_count(cfg, available)
+    n = class_count(cfg, available)
     keep = labels < n
     if split == "train" and cfg.train_per_class is not None:
         keep &= _class_rank(labels) < cfg.train_per_class
@@ -263,7 +250,7 @@ def _load_fashion(cfg: DataConfig, split: str) -> ClassDataset:
         raise DataError(f"malformed idx file '{label_file}': {len(labels)} labels (max {labels.max(initial=0)}) "
                         f"for {len(images)} images, expected one label in 0..9 per image")
     targets = torch.from_numpy(labels.astype(np.int64))
-    idx, n = _select(targets, cfg, split, len(FASHION_CLASSES))
+    idx, n = select_indices(targets, cfg, split, len(FASHION_CLASSES))
     pixels = torch.from_numpy(images).unsqueeze(1)[idx]
     return TensorClassDataset(pixels, targets[idx], 255.0, FASHION_SPEC, list(FASHION_CLASSES[:n]))
 
@@ -280,49 +267,5 @@ def _load_digits(cfg: DataConfig, split: str) -> ClassDataset:
     in_train = _class_rank(labels) < train_count[labels]
     part = torch.nonzero(in_train if split == "train" else ~in_train).flatten()
     pixels, labels = pixels[part], labels[part]
-    idx, n = _select(labels, cfg, split, 10)
+    idx, n = select_indices(labels, cfg, split, 10)
     return TensorClassDataset(pixels[idx], labels[idx], 16.0, DIGITS_SPEC, [str(d) for d in range(n)])
-
-
-def _folder_classes(root: Path) -> list[str]:
-    """Class names: the sorted sub-folder names of ``root/train``."""
-    train = root / "train"
-    if not train.is_dir():
-        raise DataError(f"image_folder root '{root}' has no train/ folder "
-                        "(expected root/train/<class>/*.png|jpg and root/val/<class>/...)")
-    names = sorted(p.name for p in train.iterdir() if p.is_dir())
-    if not names:
-        raise DataError(f"image_folder '{train}' has no class sub-folders")
-    return names
-
-
-def _folder_files(split_dir: Path, classes: list[str], all_classes: list[str]) -> tuple[list[str], list[int]]:
-    """Image files of ``classes`` under ``split_dir`` in (class, file name) order, with their labels."""
-    if not split_dir.is_dir():
-        raise DataError(f"image_folder split folder '{split_dir}' not found")
-    extra = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in all_classes)
-    if extra:
-        raise DataError(f"class folder '{split_dir / extra[0]}' has no counterpart in train/: "
-                        "both splits must use the same class folders")
-    files: list[str] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        folder = split_dir / name
-        found = sorted(str(p) for p in folder.iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
-        if not found and split_dir.name == "train":
-            raise DataError(f"class folder '{folder}' holds no {'/'.join(IMAGE_EXTS)} images")
-        files += found
-        labels += [label] * len(found)
-    return files, labels
-
-
-def _load_folder(cfg: DataConfig, split: str) -> ClassDataset:
-    root = _local_root(cfg.root)
-    all_classes = _folder_classes(root)
-    classes = all_classes[:_class_count(cfg, len(all_classes))]
-    files, labels = _folder_files(root / ("train" if split == "train" else "val"), classes, all_classes)
-    targets = torch.tensor(labels, dtype=torch.int64)
-    idx, _ = _select(targets, cfg, split, len(all_classes))
-    spec = ImageSpec(3, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
-    return FolderClassDataset([files[i] for i in idx.tolist()], targets[idx], spec, classes)

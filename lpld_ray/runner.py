@@ -14,6 +14,7 @@ import ray
 import torch
 
 from lpld_ray.config import Config, DataConfig, RecoverConfig, RelabelConfig, RunnerConfig
+from lpld_ray.data import ClassDataset, load_dataset
 from lpld_ray.models import build_teacher
 from lpld_ray.progress import Progress
 from lpld_ray.squeeze import reduce_in_order
@@ -24,6 +25,7 @@ from lpld_ray.stages import (
     STATS_STAGE,
     ClassShard,
     contact_sheet,
+    data_partition,
     load_images,
     load_shard_images,
     plan_class_shards,
@@ -95,14 +97,14 @@ def planned_actors(runner: RunnerConfig) -> str:
 class ShardWorker:
     """Loads the teacher once, then does the class shards the driver hands it."""
 
-    def __init__(self, store_root: str, storage_options: dict | None, data: DataConfig, arch: str, state: bytes, threads: int) -> None:
-        from lpld_ray.data import load_dataset
+    def __init__(self, store_root: str, storage_options: dict | None, data: DataConfig, data_options: dict,
+                 num_classes: int, arch: str, state: bytes, threads: int) -> None:
+        from lpld_ray.data import image_spec
 
         torch.set_num_threads(threads)
-        probe = load_dataset(data, "test")
-        self.spec, self.data = probe.spec, data
+        self.spec, self.data, self.data_options = image_spec(data), data, data_options
         self.store = Store(store_root, storage_options)
-        self.teacher = build_teacher(arch, state, probe.num_classes, self.spec.channels, self.spec.size)
+        self.teacher = build_teacher(arch, state, num_classes, self.spec.channels, self.spec.size)
         self.device = next(self.teacher.parameters()).device
         self.real_train = None
 
@@ -111,9 +113,7 @@ class ShardWorker:
 
     def recover(self, shard: ClassShard, cfg: RecoverConfig, seed: int, inputs: str) -> dict:
         if cfg.source == "real" and self.real_train is None:  # read once per actor, not per shard
-            from lpld_ray.data import load_dataset
-
-            self.real_train = load_dataset(self.data, "train")
+            self.real_train = load_dataset(self.data, "train", self.data_options)
         return recover_shard(self.store, self.teacher, self.spec, cfg, shard, seed, self.device, self.real_train, inputs)
 
     def relabel(self, shard: ClassShard, shards: list[ClassShard], cfg: RelabelConfig, ipc: int, num_classes: int,
@@ -130,19 +130,29 @@ class ShardWorker:
 
 
 @ray.remote
-def squeeze_task(data: DataConfig, arch: str, state: bytes, batch_size: int, partition: int, partitions: int, threads: int):
-    from lpld_ray.data import load_dataset
-
+def squeeze_task(part: ClassDataset, arch: str, state: bytes, batch_size: int, threads: int):
     torch.set_num_threads(threads)
-    probe = load_dataset(data, "test")
-    teacher = build_teacher(arch, state, probe.num_classes, probe.spec.channels, probe.spec.size)
-    return squeeze_partition(teacher, data, batch_size, partition, partitions)
+    teacher = build_teacher(arch, state, part.num_classes, part.spec.channels, part.spec.size)
+    return squeeze_partition(teacher, part, batch_size)
 
 
 @ray.remote
-def evaluate_teacher_task(data: DataConfig, arch: str, state: bytes, batch_size: int, threads: int) -> float:
+def evaluate_teacher_task(data: DataConfig, data_options: dict, arch: str, state: bytes, batch_size: int,
+                          threads: int) -> float:
     torch.set_num_threads(threads)
-    return evaluate_given_teacher(data, arch, state, batch_size)
+    return evaluate_given_teacher(data, data_options, arch, state, batch_size)
+
+
+def shard_worker(cfg: Config, store: Store, state_ref: ray.ObjectRef, num_classes: int) -> Any:
+    """A new shard actor: one GPU (or runner.cpus_per_worker CPUs), the teacher from the object store."""
+    return ShardWorker.options(**actor_options(cfg.runner)).remote(
+        store.root, store.storage_options, cfg.data, data_options(cfg), num_classes, cfg.teacher.arch, state_ref,
+        cfg.runner.cpus_per_worker)
+
+
+def data_options(cfg: Config) -> dict:
+    """fsspec options of the dataset's root (an ImageFolder on object storage), from the storage: section."""
+    return storage_options(cfg.storage, cfg.data.root)
 
 
 def raise_user_error(err: ray.exceptions.RayTaskError) -> None:
@@ -253,14 +263,14 @@ def run_teacher(cfg: Config, store: Store, state_ref: ray.ObjectRef | None, teac
         given = current_shard(store, TEACHER_STAGE, GIVEN_SHARD, teacher_sha)
         if given is None:
             task = evaluate_teacher_task.options(**actor_options(cfg.runner))
-            top1 = get_or_raise(task.remote(cfg.data, cfg.teacher.arch, state_ref, cfg.teacher.batch_size,
-                                            cfg.runner.cpus_per_worker))
+            top1 = get_or_raise(task.remote(cfg.data, data_options(cfg), cfg.teacher.arch, state_ref,
+                                            cfg.teacher.batch_size, cfg.runner.cpus_per_worker))
             commit_given_teacher(store, top1, teacher_sha, cfg.seed)
         else:
             top1 = given.meta["test_top1"]
         log.info("teacher: given weights %s, test top-1 %.4f", cfg.teacher.weights, top1)
         return {"test_top1": top1, "given": True}
-    job = TeacherJob(cfg.data, cfg.teacher, store.root, store.storage_options, cfg.seed)
+    job = TeacherJob(cfg.data, cfg.teacher, store.root, store.storage_options, cfg.seed, data_options(cfg))
     spec = TrainerSpec(cfg.teacher.num_workers, cfg.teacher.cpus_per_worker)
     manifest = train_once(store, TEACHER_STAGE, TEACHER_SHARD, teacher_train_loop, job, spec)
     log.info("teacher: test top-1 %.4f", manifest.meta["test_top1"])
@@ -278,9 +288,12 @@ def run_squeeze(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
     slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.runner.cpus_per_worker)
     window = 2 * slots  # partition sums in flight: what the object store holds of them; the driver holds two
 
+    train_set = load_dataset(cfg.data, "train", data_options(cfg))  # listed once here; each task gets its slice
+
     def submit(p: int) -> ray.ObjectRef:
         return squeeze_task.options(num_cpus=cfg.runner.cpus_per_worker).remote(
-            cfg.data, cfg.teacher.arch, state_ref, cfg.squeeze.batch_size, p, parts, cfg.runner.cpus_per_worker)
+            data_partition(train_set, p, parts), cfg.teacher.arch, state_ref, cfg.squeeze.batch_size,
+            cfg.runner.cpus_per_worker)
 
     progress = Progress("squeeze", parts, cfg.runner.progress_every_s)
     total = reduce_in_order(submit, parts, window, get_or_raise, progress.advance)
@@ -289,19 +302,16 @@ def run_squeeze(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
     return {"shards_written": written}
 
 
-def run_recover(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef) -> dict:
+def run_recover(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef, num_classes: int) -> dict:
     """Recover every class shard without a verified manifest on a pool of actors; then the contact sheet."""
     inputs = {s.name: recover_inputs(cfg.recover, store, s) for s in shards}
     pending = [s for s in shards if current_shard(store, IMAGES_STAGE, s.name, inputs[s.name]) is None]
     log.info("recover: %d of %d class shards to do", len(pending), len(shards))
     if pending:
-        threads = cfg.runner.cpus_per_worker
         run_shard_queue(
             "recover",
             pending,
-            lambda: ShardWorker.options(**actor_options(cfg.runner)).remote(
-                store.root, store.storage_options, cfg.data, cfg.teacher.arch, state_ref, threads
-            ),
+            lambda: shard_worker(cfg, store, state_ref, num_classes),
             lambda actor, shard: actor.recover.remote(shard, cfg.recover, cfg.seed, inputs[shard.name]),
             cfg.runner,
         )
@@ -326,9 +336,7 @@ def run_relabel(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
         run_shard_queue(
             "relabel",
             pending,
-            lambda: ShardWorker.options(**actor_options(cfg.runner)).remote(
-                store.root, store.storage_options, cfg.data, cfg.teacher.arch, state_ref, cfg.runner.cpus_per_worker
-            ),
+            lambda: shard_worker(cfg, store, state_ref, num_classes),
             lambda actor, shard: actor.relabel.remote(shard, shards, cfg.relabel, cfg.recover.ipc, num_classes, cfg.seed, inputs),
             cfg.runner,
         )
@@ -345,7 +353,8 @@ def run_train(cfg: Config, store: Store, shards: list[ClassShard]) -> dict:
     require_verified(store, LABELS_STAGE, names, "train", "relabel")  # never train on a truncated or altered object
     require_verified(store, IMAGES_STAGE, names, "train", "recover")
     inputs = inputs_digest(store, (LABELS_STAGE, IMAGES_STAGE), names)  # what the student learns from
-    job = StudentJob(cfg.data, cfg.train, store.root, store.storage_options, cfg.seed, cfg.recover.ipc, inputs)
+    job = StudentJob(cfg.data, cfg.train, store.root, store.storage_options, cfg.seed, cfg.recover.ipc, inputs,
+                     data_options(cfg))
     spec = TrainerSpec(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.max_failures, inputs)
     manifest = train_once(store, STUDENT_STAGE, STUDENT_SHARD, student_train_loop, job, spec)
     log.info("train: student test top-1 %.4f (resumed from epoch %d)", manifest.meta["student_top1"], manifest.meta["resumed_from"])
@@ -386,7 +395,7 @@ def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int)
         elif stage == "squeeze":
             summary[stage] = run_squeeze(cfg, store, shards, state_ref, teacher_sha)
         elif stage == "recover":
-            summary[stage] = run_recover(cfg, store, shards, state_ref)
+            summary[stage] = run_recover(cfg, store, shards, state_ref, num_classes)
         elif stage == "relabel":
             summary[stage] = run_relabel(cfg, store, shards, state_ref, num_classes, teacher_sha)
         elif stage == "train":

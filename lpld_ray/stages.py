@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from lpld_ray.config import DataConfig, RecoverConfig
-from lpld_ray.data import ClassDataset, ImageSpec, load_dataset, normalize
+from lpld_ray.config import RecoverConfig
+from lpld_ray.data import ClassDataset, ImageSpec, normalize
 from lpld_ray.recover import BNTarget, across_class_groups, class_wise_groups, recover_groups
 from lpld_ray.squeeze import BNSums, accumulate_bn_sums
 from lpld_ray.manifest import ShardWriter, current_shard, read_manifest, read_object, verify_shard
@@ -49,17 +49,18 @@ def plan_class_shards(num_classes: int, shard_size: int) -> list[ClassShard]:
 # ----------------------------------------------------------------------------- squeeze
 
 
-def squeeze_partition(
-    teacher: nn.Module, data_cfg: DataConfig, batch_size: int, partition: int, partitions: int
-) -> BNSums:
-    """Per-class BN sums over one contiguous partition of the real training set."""
-    train_set = load_dataset(data_cfg, "train")
-    bounds = np.linspace(0, len(train_set), partitions + 1).astype(int)
-    part = Subset(train_set, range(bounds[partition], bounds[partition + 1]))
+def data_partition(dataset: ClassDataset, partition: int, partitions: int) -> ClassDataset:
+    """Contiguous partition ``partition`` of ``partitions`` of a dataset (file lists are sliced, nothing is read)."""
+    bounds = np.linspace(0, len(dataset), partitions + 1).astype(int)
+    return dataset.subset(torch.arange(bounds[partition], bounds[partition + 1]))
+
+
+def squeeze_partition(teacher: nn.Module, part: ClassDataset, batch_size: int) -> BNSums:
+    """Per-class BN sums over one partition of the real training set."""
     loader = DataLoader(part, batch_size=batch_size, shuffle=False)
     device = next(teacher.parameters()).device
-    batches = ((normalize(x.to(device), train_set.spec), y) for x, y in loader)
-    return accumulate_bn_sums(teacher, batches, train_set.num_classes)
+    batches = ((normalize(x.to(device), part.spec), y) for x, y in loader)
+    return accumulate_bn_sums(teacher, batches, part.num_classes)
 
 
 def write_stats(store: Store, sums: BNSums, shards: list[ClassShard], seed: int, inputs: str = "") -> int:

@@ -263,6 +263,14 @@ class Store:
             found = self._fs.find(prefix.rstrip("/") or "/")
         return sorted(p[len(prefix):] for p in found if p.startswith(prefix) and not p.endswith("/"))
 
+    def folders(self, rel_prefix: str) -> list[str]:
+        """Names of the folders directly under ``rel_prefix`` (common prefixes on object stores);
+        FileNotFoundError when there is nothing there."""
+        path = self._fresh(rel_prefix, tree=True).rstrip("/")
+        with self._errors("listing", rel_prefix):
+            entries = self._fs.ls(path, detail=True)
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Write ``data`` only if ``rel`` is absent (S3 If-None-Match, local 'xb'); False when it already existed."""
         path = self._path(rel)

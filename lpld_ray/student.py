@@ -73,6 +73,7 @@ class StudentJob:
     seed: int
     ipc: int
     inputs: str = ""
+    data_options: dict | None = field(default=None, repr=False)  # of an object-storage data.root
 
 
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, checkpoint) -> int:
@@ -126,7 +127,7 @@ def student_train_loop(job: StudentJob) -> None:
 
     cfg = job.train
     torch.manual_seed(job.seed)
-    test_set = load_dataset(job.data, "test")
+    test_set = load_dataset(job.data, "test", job.data_options)
     spec = test_set.spec
     device = ray.train.torch.get_device()
     if device.type == "cpu":

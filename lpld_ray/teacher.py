@@ -38,6 +38,7 @@ class TeacherJob:
     store_root: str
     storage_options: dict | None = field(repr=False)  # may hold credentials: never in a repr
     seed: int
+    data_options: dict | None = field(default=None, repr=False)  # of an object-storage data.root
 
 
 def teacher_train_loop(job: TeacherJob) -> None:
@@ -51,7 +52,7 @@ def teacher_train_loop(job: TeacherJob) -> None:
 
     torch.manual_seed(job.seed)
     cfg = job.teacher
-    train_set, test_set = load_dataset(job.data, "train"), load_dataset(job.data, "test")
+    train_set, test_set = load_dataset(job.data, "train", job.data_options), load_dataset(job.data, "test", job.data_options)
     spec = train_set.spec
     device = ray.train.torch.get_device()
     if device.type == "cpu":
@@ -97,11 +98,11 @@ def teacher_state_bytes(store: "Store", cfg: TeacherConfig, weights_options: dic
     return read_object(store, TEACHER_STAGE, TEACHER_SHARD, TEACHER_OBJECT, manifest)
 
 
-def evaluate_given_teacher(data: DataConfig, arch: str, state: bytes, batch_size: int) -> float:
+def evaluate_given_teacher(data: DataConfig, data_options: dict | None, arch: str, state: bytes, batch_size: int) -> float:
     """Test top-1 of given teacher weights on the real test set, on the GPU when there is one."""
     from lpld_ray.models import build_teacher
 
-    test_set = load_dataset(data, "test")
+    test_set = load_dataset(data, "test", data_options)
     spec = test_set.spec
     model = build_teacher(arch, state, test_set.num_classes, spec.channels, spec.size)
     device = next(model.parameters()).device

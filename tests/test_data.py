@@ -243,3 +243,46 @@ def test_normalize_round_trip():
     assert torch.allclose(normalize(mean_img, spec), torch.zeros(3, 4, 4), atol=1e-6)
     with pytest.raises(ValueError):
         normalize(torch.rand(2, 1, 4, 4), spec)
+
+
+def test_image_folder_on_s3_reads_the_same_images_as_on_disk(tmp_path, moto_s3):
+    """The tree uploaded to moto's S3: one listing per split, the same files, labels and decoded pixels."""
+    from lpld_ray.storage import Store
+
+    classes = ["a_tshirt", "b_trouser", "c_pullover"]
+    _write_folder(tmp_path, classes, {"train": 3, "val": 2})
+    root = f"s3://{moto_s3.make_bucket()}/fm"
+    remote = Store(root, moto_s3.options())
+    for path in sorted(p for p in tmp_path.rglob("*.png")):
+        remote.write_bytes(str(path.relative_to(tmp_path)), path.read_bytes())
+    for split in ("train", "test"):
+        local = load_dataset(DataConfig(name="image_folder", root=str(tmp_path), image_size=16), split)
+        cfg = DataConfig(name="image_folder", root=root, image_size=16)
+        check_dataset(cfg, moto_s3.options())
+        s3 = load_dataset(cfg, split, moto_s3.options())
+        assert s3.class_names == local.class_names == classes and s3.files == local.files
+        assert torch.equal(s3.targets, local.targets)
+        assert torch.equal(s3.images(torch.arange(len(s3))), local.images(torch.arange(len(local))))
+    with pytest.raises(DataError, match=r"has no train/ folder"):
+        check_dataset(DataConfig(name="image_folder", root=root + "-missing"), moto_s3.options())
+
+
+def test_image_folder_batches_decode_in_threads_and_pickle_without_their_store(tmp_path):
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    _write_folder(tmp_path, ["x", "y"], {"train": 5, "val": 1})
+    ds = load_dataset(DataConfig(name="image_folder", root=str(tmp_path), image_size=16), "train")
+    ds.decode_threads = 4
+    one_by_one = torch.stack([ds[i][0] for i in range(len(ds))])
+    calls, threaded = [], ds.__getitems__
+    ds.__getitems__ = lambda idx: calls.append(len(idx)) or threaded(idx)
+    batched = torch.cat([x for x, _ in DataLoader(ds, batch_size=4)])
+    del ds.__getitems__
+    assert calls == [4, 4, 2] and torch.equal(batched, one_by_one)  # DataLoader asks for whole batches
+    assert [y for _, y in ds.__getitems__([9, 0, 5])] == [1, 0, 1]
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._store is None and torch.equal(copy[3][0], one_by_one[3])
+    half = ds.subset(torch.arange(5, 10))
+    assert half.files == ds.files[5:] and torch.equal(half.images(torch.arange(5)), one_by_one[5:])

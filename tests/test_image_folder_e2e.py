@@ -1,5 +1,6 @@
 """The ResNet presets end to end on an ImageFolder tree of real Fashion-MNIST images (PNG, 32 px, class folders),
-through `ray job submit`, with tiny overrides: the ImageNet path at a size this machine can run."""
+on local disk or on (moto's) S3, through `ray job submit`, with tiny overrides: the ImageNet path at a size this
+machine can run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 
 import pytest
 import torch
+import yaml
+from conftest import REPO
 from PIL import Image
 
 from lpld_ray.config import DataConfig
@@ -40,19 +43,37 @@ def fashion_tree(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("preset,extra", [
-    ("tiny_imagenet_rn18", []),
+def tree_on_s3(moto_s3, tree, tmp_path, preset: str) -> tuple[str, str]:
+    """The tree copied to a moto bucket, and the preset with a storage: section that reaches it."""
+    root = f"s3://{moto_s3.make_bucket()}/fashion"
+    remote = Store(root, moto_s3.options())
+    for path in sorted(tree.rglob("*.png")):
+        remote.write_bytes(str(path.relative_to(tree)), path.read_bytes())
+    config = yaml.safe_load((REPO / f"jobs/configs/{preset}.yaml").read_text())
+    config["storage"] = moto_s3.storage_section()
+    path = tmp_path / "with_storage.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return root, str(path)
+
+
+@pytest.mark.parametrize("preset,data_on,extra", [
+    ("tiny_imagenet_rn18", "s3", []),  # the tree read from object storage by every stage
     # Cutout relabel, no flip; two Ray Train workers (DDP), each reading only the label shards the shard sampler gives it
-    ("imagenet21kp_rn18", ["train.arch=resnet18_small", "teacher.arch=resnet18_small", "train.num_workers=2",
-                           "train.sampler=shard"]),
+    ("imagenet21kp_rn18", "local", ["train.arch=resnet18_small", "teacher.arch=resnet18_small", "train.num_workers=2",
+                                    "train.sampler=shard"]),
 ])
-def test_resnet_preset_runs_every_stage_on_an_image_folder(ray_cluster, fashion_tree, tmp_path, preset, extra):
+def test_resnet_preset_runs_every_stage_on_an_image_folder(ray_cluster, moto_s3, fashion_tree, tmp_path, preset, data_on,
+                                                           extra):
     run_dir = tmp_path / preset
-    args = ["--config", f"jobs/configs/{preset}.yaml", "--run-dir", str(run_dir)]
-    for item in [f"data.root={fashion_tree}", *SMALL, *extra]:
+    root, config = str(fashion_tree), f"jobs/configs/{preset}.yaml"
+    if data_on == "s3":
+        root, config = tree_on_s3(moto_s3, fashion_tree, tmp_path, preset)
+    args = ["--config", config, "--run-dir", str(run_dir)]
+    for item in [f"data.root={root}", *SMALL, *extra]:
         args += ["--set", item]
     result = ray_cluster.submit(args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert moto_s3.secret_key not in result.stdout + result.stderr
     store = Store(str(run_dir))
     for stage in ("teacher", "images", "labels", "train"):
         for shard in list_shards(store, stage):

@@ -233,7 +233,7 @@ def test_given_teacher_weights_are_evaluated_and_recorded(tmp_path):
     with torch.no_grad():  # the expected accuracy, by hand over the whole test set
         logits = model(normalize(torch.stack([test_set[i][0] for i in range(len(test_set))]), test_set.spec))
     expected = (logits.argmax(1) == torch.tensor([test_set[i][1] for i in range(len(test_set))])).float().mean().item()
-    top1 = evaluate_given_teacher(data, "convnet", save_weights_bytes(model), batch_size=64)
+    top1 = evaluate_given_teacher(data, None, "convnet", save_weights_bytes(model), batch_size=64)
     assert top1 == pytest.approx(expected, abs=1.5 / len(test_set))  # batching may flip a near-tie, no more
     store = Store(str(tmp_path / "run"))
     assert recorded_teacher_top1(store, weights_given=True) is None

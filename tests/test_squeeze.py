@@ -6,7 +6,7 @@ from lpld_ray.config import DataConfig
 from lpld_ray.data import load_dataset, normalize
 from lpld_ray.models import build_model
 from lpld_ray.squeeze import BNSums, accumulate_bn_sums, bn_modules
-from lpld_ray.stages import squeeze_partition
+from lpld_ray.stages import data_partition, squeeze_partition
 
 DATA = DataConfig(num_classes=4, train_per_class=60)
 
@@ -60,8 +60,10 @@ def test_global_stats_pool_all_classes():
 def test_partitions_reduce_to_one_pass():
     torch.manual_seed(2)
     model = build_model("convnet", 4, 1, 28)
-    one = squeeze_partition(model, DATA, 64, 0, 1)
-    parts = [squeeze_partition(model, DATA, 64, p, 3) for p in range(3)]
+    train_set = load_dataset(DATA, "train")
+    one = squeeze_partition(model, data_partition(train_set, 0, 1), 64)
+    parts = [squeeze_partition(model, data_partition(train_set, p, 3), 64) for p in range(3)]
+    assert [len(data_partition(train_set, i, 3)) for i in range(3)] == [80, 80, 80]
     merged = parts[0] + parts[1] + parts[2]
     for a, b in zip(one.sums + one.sumsqs + one.counts, merged.sums + merged.sumsqs + merged.counts):
         assert torch.allclose(a, b, rtol=1e-12)

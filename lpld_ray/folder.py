@@ -1,0 +1,149 @@
+"""ImageFolder trees (root/train/<class>/*, root/val/<class>/*) on a local path or object storage, decoded lazily."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lpld_ray.config import DataConfig
+from lpld_ray.data import ClassDataset, ImageSpec, class_count, image_spec, select_indices
+from lpld_ray.errors import DataError, StorageError
+from lpld_ray.storage import Store, check_uri
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+class FolderClassDataset(ClassDataset):
+    """Image files of one split, read through a Store and decoded on access: RGB, shorter side resized, centre crop.
+    A DataLoader batch (``__getitems__``) is read and decoded in ``decode_threads`` threads."""
+
+    def __init__(self, root: str, options: dict | None, files: list[str], targets: torch.Tensor, spec: ImageSpec,
+                 class_names: list[str], decode_threads: int = 0) -> None:
+        super().__init__(spec, targets, class_names)
+        self.root, self.files = root, files
+        self._options = dict(options or {})  # may hold credentials: never logged
+        self.decode_threads = decode_threads or torch.get_num_threads()
+        self._store: Store | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None}  # each process opens its own
+
+    def _open(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.root, self._options)
+        return self._store
+
+    def image(self, i: int) -> torch.Tensor:
+        store = self._open()
+        return decode_image(store.read_bytes(self.files[i]), self.spec.size, store.uri(self.files[i]))
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """One batch, its files read and decoded in threads (object reads and Pillow's decoders release the GIL)."""
+        with ThreadPoolExecutor(max(1, min(self.decode_threads, len(indices)))) as pool:
+            images = list(pool.map(self.image, indices))
+        return [(x, int(self.targets[i])) for x, i in zip(images, indices)]
+
+    def images(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.numel() == 0:
+            return super().images(idx)
+        return torch.stack([x for x, _ in self.__getitems__(idx.tolist())])
+
+    def subset(self, idx: torch.Tensor) -> "FolderClassDataset":
+        return FolderClassDataset(self.root, self._options, [self.files[i] for i in idx.tolist()], self.targets[idx],
+                                  self.spec, self.class_names, self.decode_threads)
+
+
+def decode_image(data: bytes, size: int, name: str) -> torch.Tensor:
+    """Decode one file's bytes to float32 [3,size,size] in [0,1]: resize shorter side, centre crop."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot decode image '{name}': {err}") from err
+    w, h = rgb.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+        rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    rgb = rgb.crop((left, top, left + size, top + size))
+    arr = np.array(rgb, dtype=np.uint8)
+    return torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32) / 255.0
+
+
+def open_folder(root: str, options: dict | None) -> Store:
+    check_uri(root, "data.root")
+    return Store(root, options)
+
+
+def subfolders(store: Store, rel: str) -> list[str] | None:
+    """Names of the folders directly under ``rel``; None when ``rel`` is not there."""
+    try:
+        return store.folders(rel)
+    except FileNotFoundError:
+        return None
+
+
+def folder_classes(store: Store) -> list[str]:
+    """Class names: the sorted sub-folder names of ``root/train``."""
+    names = subfolders(store, "train")
+    if names is None:
+        raise DataError(f"image_folder root '{store.root}' has no train/ folder "
+                        "(expected root/train/<class>/*.png|jpg and root/val/<class>/...)")
+    if not names:
+        raise DataError(f"image_folder '{store.uri('train')}' has no class sub-folders")
+    return names
+
+
+def folder_files(store: Store, split: str, classes: list[str], all_classes: list[str]) -> tuple[list[str], list[int]]:
+    """Image files (relative to the root) of ``classes`` under ``split`` in (class, file name) order, with their labels:
+    one recursive listing of the split."""
+    present = subfolders(store, split)
+    if present is None:
+        raise DataError(f"image_folder split folder '{store.uri(split)}' not found")
+    extra = sorted(set(present) - set(all_classes))
+    if extra:
+        raise DataError(f"class folder '{store.uri(f'{split}/{extra[0]}')}' has no counterpart in train/: "
+                        "both splits must use the same class folders")
+    by_class: dict[str, list[str]] = {name: [] for name in classes}
+    for name in store.list(split):
+        folder, _, file = name.partition("/")
+        if folder in by_class and "/" not in file and file.lower().endswith(IMAGE_EXTS):
+            by_class[folder].append(f"{split}/{name}")
+    files: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        if not by_class[name] and split == "train":
+            raise DataError(f"class folder '{store.uri(f'train/{name}')}' holds no {'/'.join(IMAGE_EXTS)} images")
+        files += by_class[name]
+        labels += [label] * len(by_class[name])
+    return files, labels
+
+
+def load_folder(cfg: DataConfig, split: str, options: dict | None = None) -> FolderClassDataset:
+    """One split of the tree at ``cfg.root`` (``options``: fsspec options for an object-storage root)."""
+    store = open_folder(cfg.root, options)
+    try:
+        all_classes = folder_classes(store)
+        classes = all_classes[:class_count(cfg, len(all_classes))]
+        files, labels = folder_files(store, "train" if split == "train" else "val", classes, all_classes)
+    except StorageError as err:
+        raise DataError(f"image_folder '{cfg.root}' cannot be read: {err}") from None
+    targets = torch.tensor(labels, dtype=torch.int64)
+    idx, _ = select_indices(targets, cfg, split, len(all_classes))
+    return FolderClassDataset(cfg.root, options, [files[i] for i in idx.tolist()], targets[idx], image_spec(cfg), classes)
+
+
+def check_folder(cfg: DataConfig, options: dict | None = None) -> None:
+    """Cheap pre-flight of a tree: train/ with class folders, val/, and num_classes within them."""
+    store = open_folder(cfg.root, options)
+    try:
+        class_count(cfg, len(folder_classes(store)))
+        if subfolders(store, "val") is None:
+            raise DataError(f"image_folder root '{store.root}' has no val/ folder (expected root/val/<class>/*.png|jpg)")
+    except StorageError as err:
+        raise DataError(f"image_folder '{cfg.root}' cannot be read: {err}") from None
