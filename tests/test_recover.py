@@ -96,33 +96,47 @@ def test_recover_lowers_the_loss(teacher_and_sums):
     assert loss_of(final) < 0.8 * loss_of(init.clamp((0 - mean) / std, (1 - mean) / std))
 
 
+def recover_loss(model, images, groups, precision: str = "fp32") -> float:
+    """group_losses of one forward pass of ``images``, with or without bf16 autocast."""
+    from lpld_ray.recover import bn_modules
+
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda _m, inp: inputs.append(inp[0])) for m in bn_modules(model)]
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(images)
+        return group_losses(logits.float(), inputs, groups, CFG).item()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_channels_last_leaves_the_loss_within_tolerance_of_the_default_layout(teacher_and_sums):
+    """recover_groups runs the teacher and the images channels-last; the loss is the contiguous layout's."""
+    import copy
+
+    model, sums = teacher_and_sums
+    groups = class_wise_groups([0, 1, 2, 3], CFG.ipc, BNTarget.rows_of(sums), run_seed=5)
+    x = torch.randn(12, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    default = recover_loss(copy.deepcopy(model).to(memory_format=torch.contiguous_format), x.contiguous(), groups)
+    last = recover_loss(copy.deepcopy(model).to(memory_format=torch.channels_last),
+                        x.contiguous(memory_format=torch.channels_last), groups)
+    assert abs(last - default) / default < 1e-4, (default, last)
+
+
 def test_bf16_autocast_keeps_the_loss_within_tolerance_of_fp32(teacher_and_sums):
     """The recover loss of the same images under bf16 autocast stays within 2% of fp32, and synthesis under bf16
     reaches a final loss within 10% of fp32 (bf16 keeps 8 bits of mantissa: ~0.4% per value)."""
     from dataclasses import replace
 
-    from lpld_ray.recover import bn_modules
-
     model, sums = teacher_and_sums
     groups = class_wise_groups([0, 1, 2, 3], CFG.ipc, BNTarget.rows_of(sums), run_seed=5)
     x = torch.randn(12, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-
-    def loss_of(images, precision):
-        inputs = []
-        hooks = [m.register_forward_pre_hook(lambda _m, inp: inputs.append(inp[0])) for m in bn_modules(model)]
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                logits = model(images)
-            return group_losses(logits.float(), inputs, groups, CFG).item()
-        finally:
-            for h in hooks:
-                h.remove()
-
-    fp32, bf16 = loss_of(x, "fp32"), loss_of(x, "bf16")
+    fp32, bf16 = recover_loss(model, x, groups, "fp32"), recover_loss(model, x, groups, "bf16")
     assert abs(bf16 - fp32) / fp32 < 0.02, (fp32, bf16)
     long = replace(CFG, iterations=20)
     final = {p: recover_groups(model, groups, replace(long, precision=p), BOUNDS) for p in ("fp32", "bf16")}
     normalised = {p: (torch.cat(v) - 0.286) / 0.353 for p, v in final.items()}
-    losses = {p: loss_of(normalised[p], "fp32") for p in final}
+    losses = {p: recover_loss(model, normalised[p], groups) for p in final}
     assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] < 0.10, losses
     assert all(torch.isfinite(torch.cat(v)).all() for v in final.values())
