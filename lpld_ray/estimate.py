@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +72,9 @@ def label_record_bytes(num_classes: int) -> int:
 
 def label_records(num_images: int, epochs: int, compression: float) -> int:
     """Views kept at compression k, as lpld_ray.labels.view_counts keeps them: round(N*E/k), at least one per image."""
-    return max(num_images, math.floor(num_images * epochs / compression + 0.5))
+    from lpld_ray.labels import kept_views
+
+    return max(num_images, kept_views(num_images, epochs, compression))
 
 
 def label_bytes(num_images: int, epochs: int, compression: float, num_classes: int) -> int:

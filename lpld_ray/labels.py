@@ -52,6 +52,11 @@ def stream_generator(*parts: int) -> torch.Generator:
     return gen
 
 
+def kept_views(num_images: int, epochs: int, compression: float) -> int:
+    """round(N*E/k), halves rounded up: the views the pool keeps in all before the one-per-image floor."""
+    return int(math.floor(num_images * epochs / compression + 0.5))
+
+
 def view_counts(num_images: int, epochs: int, compression: float, seed: int) -> Tensor:
     """Views kept per image: round(N*E/k) in all, V // N each and one more for V % N images drawn from ``seed``.
 
@@ -60,7 +65,7 @@ def view_counts(num_images: int, epochs: int, compression: float, seed: int) -> 
     """
     if num_images < 1 or epochs < 1 or compression < 1:
         raise ValueError(f"view_counts needs num_images >= 1, epochs >= 1, compression >= 1; got {num_images}, {epochs}, {compression}")
-    total = int(math.floor(num_images * epochs / compression + 0.5))
+    total = kept_views(num_images, epochs, compression)
     counts = torch.full((num_images,), total // num_images, dtype=torch.int64)
     gen = torch.Generator()
     gen.manual_seed(int(seed))
