@@ -5,19 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lpld_ray.config import load_config  # noqa: E402
-from lpld_ray.manifest import copy_stage  # noqa: E402
-from lpld_ray.runner import run_pipeline  # noqa: E402
-from lpld_ray.storage import Store  # noqa: E402
-from lpld_ray.machine import describe_machine  # noqa: E402
+from lpld_ray.config import load_config
+from lpld_ray.distributed.driver import run_pipeline
+from lpld_ray.machine import describe_machine
+from lpld_ray.store.manifest import copy_stage
+from lpld_ray.store.storage import Store
 
 log = logging.getLogger("bench_actors")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,11 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lpld_ray.config import DataConfig  # noqa: E402
-from lpld_ray.data import load_dataset  # noqa: E402
-from lpld_ray.machine import describe_machine  # noqa: E402
+from lpld_ray.config import DataConfig
+from lpld_ray.data.datasets import load_dataset
+from lpld_ray.machine import describe_machine
 
 log = logging.getLogger("bench_decode")
 

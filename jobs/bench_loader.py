@@ -6,26 +6,26 @@ import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lpld_ray.config import load_config  # noqa: E402
-from lpld_ray.labels import LABELS_OBJECT, LABELS_STAGE, epoch_order, records_to_table, sample_view, table_to_parquet, view_counts  # noqa: E402
-from lpld_ray.machine import describe_machine  # noqa: E402
-from lpld_ray.manifest import ShardWriter  # noqa: E402
-from lpld_ray.models import build_model  # noqa: E402
-from lpld_ray.pool import ImageSource, LabelPool, LabelShards  # noqa: E402
-from lpld_ray.stages import IMAGES_STAGE, encode_png, image_object_name  # noqa: E402
-from lpld_ray.storage import Store, shard_name  # noqa: E402
-from lpld_ray.student import SoftTargetKLLoss, image_sampler  # noqa: E402
+from lpld_ray.config import load_config
+from lpld_ray.data.pool import ImageSource, LabelPool, LabelShards
+from lpld_ray.machine import describe_machine
+from lpld_ray.method.kd import SoftTargetKLLoss  # noqa
+from lpld_ray.method.models import build_model
+from lpld_ray.method.views import sample_view, view_counts  # noqa
+from lpld_ray.pipeline.labels import LABELS_OBJECT, LABELS_STAGE  # noqa
+from lpld_ray.pipeline.student import image_sampler  # noqa
+from lpld_ray.pipeline.units import IMAGES_STAGE, image_object_name  # noqa
+from lpld_ray.store.codecs import encode_png  # noqa
+from lpld_ray.store.label_table import epoch_order, records_to_table, table_to_parquet  # noqa
+from lpld_ray.store.manifest import ShardWriter
+from lpld_ray.store.storage import Store, shard_name
 
 log = logging.getLogger("bench_loader")
 

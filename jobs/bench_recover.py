@@ -5,20 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from lpld_ray.config import RecoverConfig
-from lpld_ray.data import ImageSpec  # noqa: E402
-from lpld_ray.models import build_model  # noqa: E402
-from lpld_ray.recover import BNTarget, class_wise_groups, recover_groups  # noqa: E402
-from lpld_ray.squeeze import accumulate_bn_sums  # noqa: E402
-from lpld_ray.machine import describe_machine  # noqa: E402
+from lpld_ray.machine import describe_machine
+from lpld_ray.method.images import ImageSpec  # noqa
+from lpld_ray.method.models import build_model
+from lpld_ray.method.recover import BNTarget, class_wise_groups, recover_groups
+from lpld_ray.method.squeeze import accumulate_bn_sums
 
 log = logging.getLogger("bench_recover")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import time
 import uuid
@@ -13,12 +12,10 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lpld_ray.cli import main as distill  # noqa: E402
-from lpld_ray.config import StorageConfig  # noqa: E402
-from lpld_ray.storage import Store, storage_options  # noqa: E402
-from lpld_ray.machine import describe_machine  # noqa: E402
+from lpld_ray.cli import main as distill
+from lpld_ray.config import StorageConfig
+from lpld_ray.machine import describe_machine
+from lpld_ray.store.storage import Store, storage_options
 
 log = logging.getLogger("bench_storage")
 

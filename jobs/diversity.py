@@ -5,21 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lpld_ray.data import load_dataset  # noqa: E402
-from lpld_ray.metrics import within_class_cosine  # noqa: E402
-from lpld_ray.models import build_model, load_weights_bytes  # noqa: E402
-from lpld_ray.run_record import read_run_config  # noqa: E402
-from lpld_ray.stages import IMAGES_STAGE, load_shard_images  # noqa: E402
-from lpld_ray.manifest import list_shards  # noqa: E402
-from lpld_ray.storage import Store  # noqa: E402
-from lpld_ray.teacher import teacher_state_bytes  # noqa: E402
+from lpld_ray.data.datasets import load_dataset
+from lpld_ray.method.metrics import within_class_cosine
+from lpld_ray.method.models import build_model, load_weights_bytes
+from lpld_ray.pipeline.teacher import teacher_state_bytes
+from lpld_ray.pipeline.units import IMAGES_STAGE, load_shard_images
+from lpld_ray.store.manifest import list_shards
+from lpld_ray.store.run_record import read_run_config
+from lpld_ray.store.storage import Store
 
 log = logging.getLogger("diversity")
 

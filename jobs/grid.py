@@ -5,14 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lpld_ray.cli import main as distill  # noqa: E402
-from lpld_ray.manifest import copy_stage  # noqa: E402
-from lpld_ray.storage import Store  # noqa: E402
+from lpld_ray.cli import main as distill
+from lpld_ray.store.manifest import copy_stage
+from lpld_ray.store.storage import Store
 
 log = logging.getLogger("grid")
 

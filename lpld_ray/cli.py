@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Sequence
 
 from lpld_ray.config import Config, load_config
 from lpld_ray.errors import LpldError
-from lpld_ray.plan import STAGE_FOLDERS
-from lpld_ray.plan import STAGE_ORDER as STAGES
+from lpld_ray.pipeline.plan import STAGE_FOLDERS
+from lpld_ray.pipeline.plan import STAGE_ORDER as STAGES
 
 if TYPE_CHECKING:
-    from lpld_ray.storage import Store
+    from lpld_ray.store.storage import Store
 
 log = logging.getLogger("lpld_ray")
 
@@ -47,9 +47,9 @@ def parse_stages(text: str) -> list[str]:
 
 def preflight(cfg: Config, run_dir: str) -> tuple["Store", int]:
     """Every check that can fail on user input, done before anything is written."""
-    from lpld_ray.data import check_dataset, load_dataset
-    from lpld_ray.models import build_model, load_weights
-    from lpld_ray.storage import Store, read_uri_bytes, storage_options
+    from lpld_ray.data.datasets import check_dataset, load_dataset
+    from lpld_ray.method.models import build_model, load_weights
+    from lpld_ray.store.storage import Store, read_uri_bytes, storage_options
 
     root = run_dir if "://" in run_dir else os.path.abspath(run_dir)
     store = Store(root, storage_options(cfg.storage, root))
@@ -81,8 +81,8 @@ def interrupt_on(signum: int):
 
 def show_plan(cfg: Config) -> None:
     """--plan: estimates only; reads no data beyond folder listings and writes nothing."""
-    from lpld_ray.estimate import dataset_shape, plan_lines
-    from lpld_ray.runner import planned_actors
+    from lpld_ray.distributed.cluster import planned_actors
+    from lpld_ray.pipeline.estimate import dataset_shape, plan_lines
 
     for line in plan_lines(cfg, dataset_shape(cfg.data), planned_actors(cfg.runner)):
         log.info("plan: %s", line)
@@ -98,16 +98,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s", err)
             return 2
         return 0
-    from lpld_ray.lease import RunLease
+    from lpld_ray.store.lease import RunLease
 
     lease, previous_handler = None, None
     try:
         cfg = load_config(args.config, args.overrides)
         stages = parse_stages(args.stages)
         store, num_classes = preflight(cfg, args.run_dir)
-        from lpld_ray.plan import check_stage_inputs
-        from lpld_ray.run_record import check_run_record, write_run_record
-        from lpld_ray.stages import plan_class_shards
+        from lpld_ray.pipeline.plan import check_stage_inputs
+        from lpld_ray.pipeline.units import plan_class_shards
+        from lpld_ray.store.run_record import check_run_record, write_run_record
 
         resuming = False if args.force_new else check_run_record(store, cfg)
         check_stage_inputs(cfg, store, stages, plan_class_shards(num_classes, cfg.runner.class_shard_size), args.force_new)
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             start_over(store)
         if not resuming:
             write_run_record(store, cfg)
-        from lpld_ray.runner import run_pipeline
+        from lpld_ray.distributed.driver import run_pipeline
 
         summary = run_pipeline(cfg, store, stages, num_classes)
     except LpldError as err:

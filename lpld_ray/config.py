@@ -73,9 +73,17 @@ class TeacherConfig:
     weight_decay: float = 5e-4
     num_workers: int = 1
     cpus_per_worker: int = 2
+    eval_every: int = 4  # test top-1 every this many epochs and at the last
+    checkpoint_every: int = 1  # a killed teacher resumes from its last checkpoint
+    checkpoints_to_keep: int = 2
+    max_failures: int = 3
 
     def __post_init__(self) -> None:
         require_choice("teacher.arch", self.arch, ARCHS)
+        require(self.eval_every >= 1, "teacher.eval_every", self.eval_every, "an integer >= 1")
+        require(self.checkpoint_every >= 1, "teacher.checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        require(self.checkpoints_to_keep >= 1, "teacher.checkpoints_to_keep", self.checkpoints_to_keep, "an integer >= 1")
+        require(self.max_failures >= 0, "teacher.max_failures", self.max_failures, "an integer >= 0 (worker failures Ray Train recovers from)")
         require(self.weights is None or bool(self.weights.strip()), "teacher.weights", self.weights, "null or a path/URI")
         require(self.epochs >= 1, "teacher.epochs", self.epochs, "an integer >= 1")
         require(self.batch_size >= 1, "teacher.batch_size", self.batch_size, "an integer >= 1")
@@ -171,6 +179,7 @@ class TrainConfig:
     sampler: str = "global"  # shard: whole label shards per rank and epoch, so a rank reads N/W records, not N
     eval_every: int = 50
     checkpoint_every: int = 25
+    checkpoints_to_keep: int = 2  # Ray Train CheckpointConfig(num_to_keep)
     num_workers: int = 1
     cpus_per_worker: int = 2
     max_failures: int = 3
@@ -192,6 +201,7 @@ class TrainConfig:
         require_choice("train.sampler", self.sampler, IMAGE_SAMPLERS)
         require(self.eval_every >= 1, "train.eval_every", self.eval_every, "an integer >= 1")
         require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "an integer >= 1")
+        require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "an integer >= 1")
         require(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")
         require(self.cpus_per_worker >= 1, "train.cpus_per_worker", self.cpus_per_worker, "an integer >= 1")
         require(self.max_failures >= 0, "train.max_failures", self.max_failures, "an integer >= 0 (worker failures Ray Train recovers from)")
@@ -271,6 +281,11 @@ RESUME_NEUTRAL_KEYS = frozenset(
         "runner.max_shard_retries",
         "runner.progress_every_s",
         "teacher.cpus_per_worker",
+        "teacher.eval_every",
+        "teacher.checkpoint_every",
+        "teacher.checkpoints_to_keep",
+        "teacher.max_failures",
+        "train.checkpoints_to_keep",
         "squeeze.batch_size",
         "squeeze.partitions",
         "recover.classes_per_pass",

@@ -194,7 +194,7 @@ class MotoS3:
 
     def options(self) -> dict:
         from lpld_ray.config import StorageConfig
-        from lpld_ray.storage import storage_options
+        from lpld_ray.store.storage import storage_options
 
         return storage_options(StorageConfig(**self.storage_section(retries=2, connect_timeout_s=1.0)), "s3://x")
 

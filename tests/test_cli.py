@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import run_cli, tree_snapshot
 
-from lpld_ray.models import build_model, save_weights_bytes
+from lpld_ray.method.models import build_model, save_weights_bytes
 
 
 @pytest.fixture
@@ -76,8 +76,8 @@ def test_new_run_dir_not_created_on_bad_input(tmp_path):
 
 def committed_shards(run, stage: str, meta: dict | None = None) -> None:
     """The preset's 10 classes in two shards of 5, committed with a placeholder object each."""
-    from lpld_ray.manifest import ShardWriter
-    from lpld_ray.storage import Store
+    from lpld_ray.store.manifest import ShardWriter
+    from lpld_ray.store.storage import Store
 
     for index in range(2):
         writer = ShardWriter(Store(str(run)), stage, f"shard-{index:05d}")
@@ -128,7 +128,7 @@ def test_s3_run_dir_on_a_missing_bucket(moto_s3):
 def test_s3_wrong_credentials_fail_without_echoing_them(moto_s3, monkeypatch):
     import moto.settings
 
-    from lpld_ray.storage import Store
+    from lpld_ray.store.storage import Store
 
     bucket = moto_s3.make_bucket()
     monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto now checks the keys it is given

@@ -4,7 +4,13 @@ import dataclasses
 
 import pytest
 
-from lpld_ray.config import Config, RecoverConfig, config_to_dict, load_config, result_key_diff
+from lpld_ray.config import (
+    Config,
+    RecoverConfig,
+    config_to_dict,
+    load_config,
+    result_key_diff,
+)
 from lpld_ray.errors import ConfigError
 
 
@@ -122,8 +128,8 @@ def test_a_run_recorded_before_a_key_existed_resumes_when_the_key_keeps_its_defa
     import yaml
 
     from lpld_ray.errors import LpldError
-    from lpld_ray.run_record import check_run_record, write_run_record
-    from lpld_ray.storage import Store
+    from lpld_ray.store.run_record import check_run_record, write_run_record
+    from lpld_ray.store.storage import Store
 
     store = Store(str(tmp_path))
     write_run_record(store, load_config(None))

@@ -1,4 +1,4 @@
-"""Tests for lpld_ray.data: Fashion-MNIST idx parsing, digits, image folders, class access, normalisation."""
+"""Tests for lpld_ray.data.datasets: Fashion-MNIST idx parsing, digits, image folders, class access, normalisation."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from lpld_ray.config import DataConfig
-from lpld_ray.data import ImageSpec, check_dataset, denormalize, load_dataset, normalize
+from lpld_ray.data.datasets import check_dataset, load_dataset
 from lpld_ray.errors import DataError
+from lpld_ray.method.images import ImageSpec, denormalize, normalize
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -247,7 +248,7 @@ def test_normalize_round_trip():
 
 def test_image_folder_on_s3_reads_the_same_images_as_on_disk(tmp_path, moto_s3):
     """The tree uploaded to moto's S3: one listing per split, the same files, labels and decoded pixels."""
-    from lpld_ray.storage import Store
+    from lpld_ray.store.storage import Store
 
     classes = ["a_tshirt", "b_trouser", "c_pullover"]
     _write_folder(tmp_path, classes, {"train": 3, "val": 2})

@@ -9,8 +9,8 @@ import uuid
 import pytest
 from conftest import job_args, registered_checkpoint_epoch, tree_snapshot
 
-from lpld_ray.manifest import list_shards, verify_shard
-from lpld_ray.storage import Store
+from lpld_ray.store.manifest import list_shards, verify_shard
+from lpld_ray.store.storage import Store
 
 pytestmark = pytest.mark.ray
 

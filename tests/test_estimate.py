@@ -6,8 +6,16 @@ import pytest
 from conftest import run_cli
 
 from lpld_ray.config import load_config
-from lpld_ray.estimate import (GIB, activation_bytes, dataset_shape, label_bytes, label_record_bytes, loader_memory, plan_lines,
-                               squeeze_sum_bytes)
+from lpld_ray.pipeline.estimate import (
+    GIB,
+    activation_bytes,
+    dataset_shape,
+    label_bytes,
+    label_record_bytes,
+    loader_memory,
+    plan_lines,
+    squeeze_sum_bytes,
+)
 
 # (preset, ipc, compression, the paper's label storage in GB; its figures match GiB)
 PAPER = [
@@ -49,7 +57,7 @@ def test_squeeze_sums_at_21k_classes():
 @pytest.mark.parametrize("images,epochs,k", [(100, 300, 40), (37, 300, 7.5), (100, 10, 40), (10, 1, 100), (999, 3, 2)])
 def test_estimated_records_are_the_views_relabel_keeps(images, epochs, k):
     """Including k > E, where every image still keeps one view."""
-    from lpld_ray.labels import view_counts
+    from lpld_ray.method.views import view_counts
 
     kept = int(view_counts(images, epochs, k, seed=0).sum())
     assert label_bytes(images, epochs, k, 10) == kept * label_record_bytes(10)
@@ -58,7 +66,7 @@ def test_estimated_records_are_the_views_relabel_keeps(images, epochs, k):
 def test_activation_count_uses_shapes_only():
     import torch
 
-    from lpld_ray.models import build_model
+    from lpld_ray.method.models import build_model
 
     with torch.device("meta"):
         model = build_model("resnet18", 10450, 3, 224)

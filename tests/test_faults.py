@@ -13,10 +13,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, cluster_processes, job_args, registered_checkpoint_epoch, tree_snapshot, wait_until
+from conftest import (
+    REPO,
+    cluster_processes,
+    job_args,
+    registered_checkpoint_epoch,
+    tree_snapshot,
+    wait_until,
+)
 
-from lpld_ray.manifest import MANIFEST_NAME, copy_stage, list_shards, verify_shard
-from lpld_ray.storage import Store
+from lpld_ray.store.manifest import MANIFEST_NAME, copy_stage, list_shards, verify_shard
+from lpld_ray.store.storage import Store
 
 pytestmark = pytest.mark.ray
 

@@ -13,9 +13,9 @@ from conftest import REPO
 from PIL import Image
 
 from lpld_ray.config import DataConfig
-from lpld_ray.data import load_dataset
-from lpld_ray.manifest import list_shards, verify_shard
-from lpld_ray.storage import Store
+from lpld_ray.data.datasets import load_dataset
+from lpld_ray.store.manifest import list_shards, verify_shard
+from lpld_ray.store.storage import Store
 
 pytestmark = pytest.mark.ray
 

@@ -11,25 +11,29 @@ from torch import nn
 
 from lpld_ray.config import RelabelConfig
 from lpld_ray.errors import ConfigError, StorageError
-from lpld_ray.labels import (
-    LABEL_SCHEMA_VERSION,
-    LABELS_OBJECT,
-    LABELS_STAGE,
-    VERSION_KEY,
-    current_labels,
+from lpld_ray.method.views import (
     image_id_of,
-    label_bytes,
-    read_label_shard,
-    read_label_table,
-    relabel_shard,
     sample_beta,
     sample_view,
     stream_generator,
-    table_to_parquet,
     view_counts,
 )
-from lpld_ray.manifest import MANIFEST_NAME, read_manifest, verify_shard
-from lpld_ray.storage import Store
+from lpld_ray.pipeline.labels import (
+    LABELS_OBJECT,
+    LABELS_STAGE,
+    current_labels,
+    read_label_shard,
+    relabel_shard,
+)
+from lpld_ray.store.label_table import (
+    LABEL_SCHEMA_VERSION,
+    VERSION_KEY,
+    label_bytes,
+    read_label_table,
+    table_to_parquet,
+)
+from lpld_ray.store.manifest import MANIFEST_NAME, read_manifest, verify_shard
+from lpld_ray.store.storage import Store
 
 CLASSES, IPC, SIDE = 3, 4, 16
 
@@ -164,7 +168,7 @@ def test_relabel_config_rejects_bad_values(field, value):
 
 @pytest.mark.parametrize("mix", ["cutmix", "cutout"])
 def test_relabel_reads_only_its_images_and_their_partners(tmp_path, mix):
-    from lpld_ray.labels import images_needed
+    from lpld_ray.method.views import images_needed
 
     cfg = RelabelConfig(epochs=4, compression=2, mix=mix, batch_size=5)
     ids = [image_id_of(0, i, IPC) for i in range(IPC)]

@@ -10,8 +10,8 @@ import pytest
 
 from lpld_ray.config import StorageConfig
 from lpld_ray.errors import LpldError
-from lpld_ray.lease import LEASE_DIR, RunLease
-from lpld_ray.storage import Store
+from lpld_ray.store.lease import LEASE_DIR, RunLease
+from lpld_ray.store.storage import Store
 
 
 class Clock:

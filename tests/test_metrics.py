@@ -2,7 +2,7 @@
 
 import torch
 
-from lpld_ray.metrics import mean_pairwise_cosine
+from lpld_ray.method.metrics import mean_pairwise_cosine
 
 
 def test_identical_rows_have_cosine_one_and_orthogonal_rows_zero():

@@ -1,4 +1,4 @@
-"""Tests for lpld_ray.models: architectures, weight saving/loading and its errors, feature and BN access."""
+"""Tests for lpld_ray.method.models: architectures, weight saving/loading and its errors, feature and BN access."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from lpld_ray.errors import ModelError
-from lpld_ray.models import (
+from lpld_ray.method.models import (
     ARCHS,
     bn_layers,
     build_model,
@@ -110,16 +110,17 @@ def test_save_then_load_round_trip(tmp_path, arch, channels, size):
 
 
 def test_load_through_storage(tmp_path):
-    pytest.importorskip("lpld_ray.storage")
+    from lpld_ray.store.storage import read_uri_bytes
+
     x = torch.rand(2, 1, 28, 28)
     src = _trained_bn(build_model("convnet", 10, 1, 28), x)
     path = tmp_path / "teacher.pt"
     path.write_bytes(save_weights_bytes(src))
-    fresh = load_weights(build_model("convnet", 10, 1, 28), str(path))
+    fresh = load_weights(build_model("convnet", 10, 1, 28), str(path), read_uri_bytes)
     assert _same_outputs(src, fresh, x)
     missing = str(tmp_path / "nope.pt")
     with pytest.raises(ModelError) as err:
-        load_weights(build_model("convnet", 10, 1, 28), missing)
+        load_weights(build_model("convnet", 10, 1, 28), missing, read_uri_bytes)
     assert str(err.value) == f"teacher weights not found: '{missing}'"
 
 
@@ -222,9 +223,14 @@ def test_bad_sizes():
 def test_given_teacher_weights_are_evaluated_and_recorded(tmp_path):
     """teacher.weights skips training, but the report still gets the teacher's test top-1 (teacher/given)."""
     from lpld_ray.config import DataConfig
-    from lpld_ray.data import load_dataset, normalize
-    from lpld_ray.storage import Store
-    from lpld_ray.teacher import commit_given_teacher, evaluate_given_teacher, recorded_teacher_top1
+    from lpld_ray.data.datasets import load_dataset
+    from lpld_ray.method.images import normalize
+    from lpld_ray.pipeline.teacher import (
+        commit_given_teacher,
+        evaluate_given_teacher,
+        recorded_teacher_top1,
+    )
+    from lpld_ray.store.storage import Store
 
     torch.manual_seed(0)
     data = DataConfig(name="digits")

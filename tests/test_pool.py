@@ -8,16 +8,27 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_labels import (
+    CLASSES,
+    IPC,
+    SIDE,
+    make_images,
+    normalize,
+    relabel,
+    tiny_teacher,
+)
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lpld_ray.config import RelabelConfig
+from lpld_ray.data.pool import ImageSource, LabelPool, LabelShards, ShardSampler
 from lpld_ray.errors import StorageError
-from lpld_ray.estimate import label_record_bytes
-from lpld_ray.labels import LABELS_OBJECT, LABELS_STAGE, VERSION_KEY, compose_view, image_id_of, sample_view, table_to_parquet
-from lpld_ray.manifest import ShardWriter
-from lpld_ray.pool import ImageSource, LabelPool, LabelShards, ShardSampler
-from lpld_ray.stages import IMAGES_STAGE, encode_png, image_object_name
-from test_labels import CLASSES, IPC, SIDE, make_images, normalize, relabel, tiny_teacher
+from lpld_ray.method.views import compose_view, image_id_of, sample_view
+from lpld_ray.pipeline.estimate import label_record_bytes
+from lpld_ray.pipeline.labels import LABELS_OBJECT, LABELS_STAGE
+from lpld_ray.pipeline.units import IMAGES_STAGE, image_object_name
+from lpld_ray.store.codecs import encode_png
+from lpld_ray.store.label_table import VERSION_KEY, table_to_parquet
+from lpld_ray.store.manifest import ShardWriter
 
 LABEL_REL = f"{LABELS_STAGE}/shard-00001/{LABELS_OBJECT}"
 
@@ -145,7 +156,7 @@ def test_a_rank_holds_only_its_records_and_images_within_the_cache(tmp_path):
         memory = pool.memory_bytes()
         assert pool._records is not None and len(pool._records.ids) == len(set(mine)) == len(pool) // 2
         assert memory["epoch_records"] == pool._records.nbytes == len(set(mine)) * label_record_bytes(CLASSES)
-        assert memory["index"] == 36 * len(pool) + 4 * int(pool.index.counts.sum())  # as lpld_ray.estimate states it
+        assert memory["index"] == 36 * len(pool) + 4 * int(pool.index.counts.sum())  # as lpld_ray.pipeline.estimate states it
         assert memory["image_cache"] <= 3 * one_image
         others = sorted(set(range(len(pool))) - set(mine))
         with pytest.raises(IndexError, match="set_epoch"):
@@ -209,7 +220,7 @@ def test_an_unknown_label_schema_version_is_refused_by_the_loader(tmp_path):
 
 
 def test_split_or_duplicate_views_are_refused(tmp_path):
-    from lpld_ray.pool import build_index
+    from lpld_ray.data.pool import build_index
 
     ok = build_index({"a": (np.array([0, 0, 1]), np.array([1, 0, 0])), "b": (np.array([2]), np.array([0]))})
     assert ok.counts.tolist() == [2, 1, 1] and ok.rows_of(0).tolist() == [1, 0]
@@ -251,7 +262,7 @@ def test_shard_sampler_lets_a_rank_read_only_its_shards(tmp_path, monkeypatch):
     calls = spy_row_groups(monkeypatch)
     touched = {}
     for kind in ("global", "shard"):
-        from lpld_ray.student import image_sampler
+        from lpld_ray.pipeline.student import image_sampler
 
         sampler = image_sampler(pool, kind, 2, 0, seed=1)
         sampler.set_epoch(2)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from lpld_ray.config import RecoverConfig
-from lpld_ray.data import ImageSpec
-from lpld_ray.models import build_model
-from lpld_ray.recover import (
+from lpld_ray.method.images import ImageSpec
+from lpld_ray.method.models import build_model
+from lpld_ray.method.recover import (
     BNTarget,
     across_class_groups,
     bn_distance,
@@ -14,7 +14,7 @@ from lpld_ray.recover import (
     group_losses,
     recover_groups,
 )
-from lpld_ray.squeeze import accumulate_bn_sums
+from lpld_ray.method.squeeze import accumulate_bn_sums
 
 BOUNDS = ImageSpec(1, 28, (0.286,), (0.353,))
 CFG = RecoverConfig(ipc=3, iterations=12, jitter=2, crop_scale=(0.5, 1.0))
@@ -37,7 +37,7 @@ def test_batched_class_wise_equals_one_class_at_a_time(teacher_and_sums):
     single = [recover_groups(model, [g], CFG, BOUNDS)[0] for g in groups]
     for a, b in zip(batched, single):
         assert a.shape == (3, 1, 28, 28)
-        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()  # channels-last conv kernels vary with batch size
 
 
 def test_batched_across_classes_equals_one_group_at_a_time(teacher_and_sums):
@@ -98,7 +98,7 @@ def test_recover_lowers_the_loss(teacher_and_sums):
 
 def recover_loss(model, images, groups, precision: str = "fp32") -> float:
     """group_losses of one forward pass of ``images``, with or without bf16 autocast."""
-    from lpld_ray.recover import bn_modules
+    from lpld_ray.method.recover import bn_modules
 
     inputs = []
     hooks = [m.register_forward_pre_hook(lambda _m, inp: inputs.append(inp[0])) for m in bn_modules(model)]

@@ -9,8 +9,8 @@ import pytest
 
 from lpld_ray.config import StorageConfig
 from lpld_ray.errors import StorageError
-from lpld_ray.manifest import ShardWriter, verify_shard
-from lpld_ray.storage import Store, read_uri_bytes, storage_options
+from lpld_ray.store.manifest import ShardWriter, verify_shard
+from lpld_ray.store.storage import Store, read_uri_bytes, storage_options
 
 
 def test_storage_options_come_from_the_section_and_only_for_s3():

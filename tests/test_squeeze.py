@@ -3,10 +3,11 @@
 import torch
 
 from lpld_ray.config import DataConfig
-from lpld_ray.data import load_dataset, normalize
-from lpld_ray.models import build_model
-from lpld_ray.squeeze import BNSums, accumulate_bn_sums, bn_modules
-from lpld_ray.stages import data_partition, squeeze_partition
+from lpld_ray.data.datasets import load_dataset
+from lpld_ray.method.images import normalize
+from lpld_ray.method.models import build_model
+from lpld_ray.method.squeeze import BNSums, accumulate_bn_sums, bn_modules
+from lpld_ray.pipeline.units import data_partition, squeeze_partition
 
 DATA = DataConfig(num_classes=4, train_per_class=60)
 
@@ -84,7 +85,7 @@ def test_sums_round_trip_bytes_and_select():
 
 def test_partition_sums_are_added_in_order_with_a_bounded_window():
     """The driver's reduce: parts added in partition order, never more than ``window`` submitted and not yet got."""
-    from lpld_ray.squeeze import reduce_in_order
+    from lpld_ray.method.squeeze import reduce_in_order
 
     outstanding, peak, order = set(), [0], []
 

@@ -1,4 +1,4 @@
-"""Tests for lpld_ray.storage: URIs, Store round trips, manifests, verification."""
+"""Tests for lpld_ray.store.storage: URIs, Store round trips, manifests, verification."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from lpld_ray.errors import StorageError
-from lpld_ray.manifest import (
+from lpld_ray.store.manifest import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA_VERSION,
     Manifest,
@@ -22,7 +22,13 @@ from lpld_ray.manifest import (
     read_object,
     verify_shard,
 )
-from lpld_ray.storage import Store, check_uri, join_uri, read_uri_bytes, shard_name
+from lpld_ray.store.storage import (
+    Store,
+    check_uri,
+    join_uri,
+    read_uri_bytes,
+    shard_name,
+)
 
 
 def _memory_root() -> str:
@@ -247,7 +253,7 @@ def test_verify_detects_bad_object(store, caplog, corrupt, said):
     _write_shard(store)
     rel = "images/shard-00003/a.bin"
     corrupt(store, rel)
-    with caplog.at_level(logging.WARNING, logger="lpld_ray.manifest"):
+    with caplog.at_level(logging.WARNING, logger="lpld_ray.store.manifest"):
         assert verify_shard(store, "images", "shard-00003") is None
     assert said in caplog.text and store.uri(rel) in caplog.text
 
@@ -256,7 +262,7 @@ def test_verify_rejects_invalid_json_manifest(store, caplog):
     _write_shard(store)
     rel = f"images/shard-00003/{MANIFEST_NAME}"
     store.write_text(rel, '{"schema_version": 1, "stage": "ima')  # torn write
-    with caplog.at_level(logging.WARNING, logger="lpld_ray.manifest"):
+    with caplog.at_level(logging.WARNING, logger="lpld_ray.store.manifest"):
         assert read_manifest(store, "images", "shard-00003") is None
         assert verify_shard(store, "images", "shard-00003") is None
     assert store.uri(rel) in caplog.text
@@ -368,7 +374,7 @@ def test_s3_round_trip_with_moto():
 
 
 def test_copy_stage_keeps_shards_verifiable(tmp_path):
-    from lpld_ray.manifest import copy_stage
+    from lpld_ray.store.manifest import copy_stage
 
     src, dst = Store(str(tmp_path / "a")), Store(str(tmp_path / "b"))
     writer = ShardWriter(src, "images", "shard-00000")

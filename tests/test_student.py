@@ -6,7 +6,8 @@ import torch
 
 from lpld_ray.config import TrainConfig, load_config
 from lpld_ray.errors import ConfigError
-from lpld_ray.student import SoftTargetKLLoss, make_optimizer, make_scheduler
+from lpld_ray.method.kd import SoftTargetKLLoss
+from lpld_ray.method.training import make_optimizer, make_scheduler
 
 
 def test_kd_loss_is_zero_only_when_matching():

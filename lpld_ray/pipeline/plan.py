@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from lpld_ray.config import Config
 from lpld_ray.errors import LpldError
-from lpld_ray.stages import GLOBAL_SHARD, IMAGES_STAGE, STATS_STAGE, ClassShard
-from lpld_ray.manifest import read_manifest, shard_problem
-from lpld_ray.storage import Store
-from lpld_ray.teacher import TEACHER_SHARD, TEACHER_STAGE
+from lpld_ray.pipeline.teacher import TEACHER_SHARD, TEACHER_STAGE
+from lpld_ray.pipeline.units import GLOBAL_SHARD, IMAGES_STAGE, STATS_STAGE, ClassShard
+from lpld_ray.store.manifest import read_manifest, shard_problem
+from lpld_ray.store.storage import Store
 
 STAGE_ORDER = ("teacher", "squeeze", "recover", "relabel", "train", "report")
 STAGE_FOLDERS = ("teacher", "stats", "images", "labels", "train", "report")  # what each stage writes, in order
@@ -25,7 +25,7 @@ def require_stage(store: Store, stage: str, names: list[str], needed_by: str, pr
 def check_stage_inputs(cfg: Config, store: Store, stages: list[str], shards: list[ClassShard], fresh: bool = False) -> None:
     """Before any work: every asked stage's input is either made by an earlier asked stage or already in the run
     (``fresh``: the run is about to be emptied, so nothing in it counts)."""
-    from lpld_ray.labels import LABELS_STAGE
+    from lpld_ray.pipeline.labels import LABELS_STAGE
 
     names = [s.name for s in shards]
     needs_teacher = {"squeeze", "recover", "relabel"} & set(stages)
@@ -44,7 +44,8 @@ def check_stage_inputs(cfg: Config, store: Store, stages: list[str], shards: lis
 
 def require_label_schema(store: Store, names: list[str]) -> None:
     """Fail with one line naming the shard when a labels shard has a schema version this lpld_ray cannot read."""
-    from lpld_ray.labels import LABEL_SCHEMA_VERSION, LABELS_STAGE
+    from lpld_ray.pipeline.labels import LABELS_STAGE
+    from lpld_ray.store.label_table import LABEL_SCHEMA_VERSION
 
     for name in names:
         manifest = read_manifest(store, LABELS_STAGE, name)

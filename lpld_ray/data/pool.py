@@ -18,14 +18,21 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from lpld_ray.augment import CropBox
 from lpld_ray.config import VIEW_SAMPLING
 from lpld_ray.errors import StorageError
-from lpld_ray.labels import (DRAW_STREAM, LABELS_OBJECT, LABELS_STAGE, NUM_CLASSES_KEY, ViewParams, check_label_schema,
-                             compose_view, stream_generator)
-from lpld_ray.manifest import Manifest, list_shards, read_manifest, read_object
-from lpld_ray.stages import IMAGES_STAGE, decode_png_uint8, image_id_from_name
-from lpld_ray.storage import Store
+from lpld_ray.method.augment import CropBox
+from lpld_ray.method.views import (
+    DRAW_STREAM,
+    ViewParams,
+    compose_view,
+    stream_generator,
+)
+from lpld_ray.pipeline.labels import LABELS_OBJECT, LABELS_STAGE
+from lpld_ray.pipeline.units import IMAGES_STAGE, image_id_from_name
+from lpld_ray.store.codecs import decode_png_uint8
+from lpld_ray.store.label_table import NUM_CLASSES_KEY, check_label_schema
+from lpld_ray.store.manifest import Manifest, list_shards, read_manifest, read_object
+from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 from lpld_ray.config import StorageConfig
 from lpld_ray.errors import LpldError, StorageError
-from lpld_ray.storage import Store
+from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
 

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lpld_ray.config import RecoverConfig
-from lpld_ray.data import ClassDataset, ImageSpec, normalize
-from lpld_ray.recover import BNTarget, across_class_groups, class_wise_groups, recover_groups
-from lpld_ray.squeeze import BNSums, accumulate_bn_sums
-from lpld_ray.manifest import ShardWriter, current_shard, read_manifest, read_object, verify_shard
-from lpld_ray.storage import Store, shard_name
+from lpld_ray.data.datasets import ClassDataset
+from lpld_ray.method.images import ImageSpec, normalize
+from lpld_ray.method.recover import (
+    BNTarget,
+    across_class_groups,
+    class_wise_groups,
+    recover_groups,
+)
+from lpld_ray.method.squeeze import BNSums, accumulate_bn_sums
+from lpld_ray.store.codecs import decode_png, encode_png
+from lpld_ray.store.manifest import (
+    ShardWriter,
+    current_shard,
+    read_manifest,
+    read_object,
+    verify_shard,
+)
+from lpld_ray.store.storage import Store, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -87,28 +98,6 @@ def load_stats(store: Store, name: str) -> BNSums:
 
 
 # ----------------------------------------------------------------------------- recover
-
-
-def encode_png(image: torch.Tensor) -> bytes:
-    """A [C,H,W] float image in [0,1] as lossless 8-bit PNG."""
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    mode = "L" if array.shape[2] == 1 else "RGB"
-    buf = io.BytesIO()
-    Image.fromarray(array[:, :, 0] if mode == "L" else array, mode=mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_png_uint8(data: bytes) -> torch.Tensor:
-    """PNG bytes back to a [C,H,W] uint8 image."""
-    array = np.asarray(Image.open(io.BytesIO(data)))
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def decode_png(data: bytes) -> torch.Tensor:
-    """PNG bytes back to a [C,H,W] float image in [0,1]."""
-    return decode_png_uint8(data).float() / 255.0
 
 
 def image_object_name(class_id: int, index: int) -> str:
@@ -183,7 +172,7 @@ def load_shard_images(store: Store, name: str) -> tuple[torch.Tensor, torch.Tens
 
 def image_id_from_name(name: str, ipc: int) -> int:
     """Run-wide image id of an image object ``CCCCC_IIII.png``."""
-    from lpld_ray.labels import image_id_of
+    from lpld_ray.method.views import image_id_of
 
     class_id, index = name.split(".")[0].split("_")
     return image_id_of(int(class_id), int(index), ipc)

@@ -1,4 +1,4 @@
-"""Real datasets addressable by class: Fashion-MNIST idx files, sklearn digits, ImageFolder trees (lpld_ray.folder)."""
+"""Real datasets addressable by class: Fashion-MNIST idx files, sklearn digits, ImageFolder trees (lpld_ray.data.folder)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import gzip
 import importlib.util
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,13 @@ import torch
 
 from lpld_ray.config import DATASETS, DataConfig
 from lpld_ray.errors import DataError
+from lpld_ray.method.images import (
+    DIGITS_SPEC,
+    FASHION_SPEC,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +34,6 @@ IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 DIGITS_TRAIN_FRACTION = 0.8
 DIGITS_NEEDS_SKLEARN = "dataset 'digits' needs scikit-learn, which is not installed: pip install scikit-learn"
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """Shape and normalisation constants of a dataset's images."""
-
-    channels: int
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-FASHION_SPEC = ImageSpec(1, 28, (0.2860,), (0.3530,))
-DIGITS_SPEC = ImageSpec(1, 8, (0.3053,), (0.3760,))  # measured over all 1797 digits / 16
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ClassDataset(torch.utils.data.Dataset):
@@ -109,26 +99,6 @@ class TensorClassDataset(ClassDataset):
         return TensorClassDataset(self.pixels[idx], self.targets[idx], self.scale, self.spec, self.class_names)
 
 
-def normalize(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
-    """(x - mean) / std per channel, for [B,C,H,W] or [C,H,W]."""
-    mean, std = _channel_stats(x, spec)
-    return (x - mean) / std
-
-
-def denormalize(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
-    """Inverse of :func:`normalize`."""
-    mean, std = _channel_stats(x, spec)
-    return x * std + mean
-
-
-def _channel_stats(x: torch.Tensor, spec: ImageSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.dim() < 3 or x.shape[-3] != spec.channels:
-        raise ValueError(f"expected images shaped [..., {spec.channels}, H, W], got {list(x.shape)}")
-    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    return mean, std
-
-
 def image_spec(cfg: DataConfig) -> ImageSpec:
     """Shape and normalisation of the configured dataset's images, without reading it."""
     if cfg.name == "fashion_mnist":
@@ -148,7 +118,7 @@ def load_dataset(cfg: DataConfig, split: str, options: dict | None = None) -> Cl
     elif cfg.name == "digits":
         ds = _load_digits(cfg, split)
     elif cfg.name == "image_folder":
-        from lpld_ray.folder import load_folder
+        from lpld_ray.data.folder import load_folder
 
         ds = load_folder(cfg, split, options)
     else:
@@ -170,7 +140,7 @@ def check_dataset(cfg: DataConfig, options: dict | None = None) -> None:
             raise DataError(DIGITS_NEEDS_SKLEARN)
         class_count(cfg, 10)
     elif cfg.name == "image_folder":
-        from lpld_ray.folder import check_folder
+        from lpld_ray.data.folder import check_folder
 
         check_folder(cfg, options)
     else:

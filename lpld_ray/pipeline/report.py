@@ -6,9 +6,9 @@ import json
 import logging
 
 from lpld_ray.config import Config
-from lpld_ray.stages import IMAGES_STAGE
-from lpld_ray.manifest import list_shards, read_manifest
-from lpld_ray.storage import Store
+from lpld_ray.pipeline.units import IMAGES_STAGE
+from lpld_ray.store.manifest import list_shards, read_manifest
+from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
 

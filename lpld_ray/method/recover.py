@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lpld_ray.augment import SynthAug
 from lpld_ray.config import RecoverConfig
-from lpld_ray.data import ImageSpec
-from lpld_ray.squeeze import BNSums, bn_modules
+from lpld_ray.method.augment import SynthAug
+from lpld_ray.method.images import ImageSpec
+from lpld_ray.method.squeeze import BNSums, bn_modules
 
 log = logging.getLogger(__name__)
 

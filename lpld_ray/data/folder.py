@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from lpld_ray.config import DataConfig
-from lpld_ray.data import ClassDataset, ImageSpec, class_count, image_spec, select_indices
+from lpld_ray.data.datasets import ClassDataset, class_count, image_spec, select_indices
 from lpld_ray.errors import DataError, StorageError
-from lpld_ray.storage import Store, check_uri
+from lpld_ray.method.images import ImageSpec
+from lpld_ray.store.storage import Store, check_uri
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 

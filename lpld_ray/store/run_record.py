@@ -8,9 +8,15 @@ import platform
 import yaml
 
 from lpld_ray import __version__
-from lpld_ray.config import Config, config_from_dict, config_to_dict, redacted, result_key_diff
+from lpld_ray.config import (
+    Config,
+    config_from_dict,
+    config_to_dict,
+    redacted,
+    result_key_diff,
+)
 from lpld_ray.errors import LpldError
-from lpld_ray.storage import Store
+from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
 

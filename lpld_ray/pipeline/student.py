@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lpld_ray.config import DataConfig, TrainConfig
-from lpld_ray.data import load_dataset
-from lpld_ray.training import evaluate, train_epoch
+from lpld_ray.data.datasets import load_dataset
+from lpld_ray.method.kd import SoftTargetKLLoss
+from lpld_ray.method.training import (
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    train_epoch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,42 +28,6 @@ STUDENT_STAGE = "train"
 STUDENT_SHARD = "model"
 STUDENT_OBJECT = "student.pt"
 CHECKPOINT_FILE = "state.pt"
-
-
-class SoftTargetKLLoss(nn.Module):
-    """KL(log_softmax(s/T) || softmax(t/T)), batch mean: the student matches the stored teacher output.
-
-    With ``label_smoothing`` eps the target is (1 - eps) * softmax(t/T) + eps / K.
-    """
-
-    def __init__(self, temperature: float, label_smoothing: float = 0.0) -> None:
-        super().__init__()
-        self.temperature, self.label_smoothing = temperature, label_smoothing
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        t, eps = self.temperature, self.label_smoothing
-        target = F.softmax(teacher_logits / t, dim=1)
-        if eps:
-            target = (1 - eps) * target + eps / target.shape[1]
-        return F.kl_div(F.log_softmax(student_logits / t, dim=1), target, reduction="batchmean")
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up for ``warmup_epochs``, then cosine to zero, stepped per batch."""
-    warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass(frozen=True)
@@ -99,7 +67,7 @@ def _checkpoint(folder: str, model: nn.Module, optimizer, scheduler, epoch: int)
 
 def open_pool(store: "Store", ipc: int, size: int, cfg: TrainConfig, seed: int) -> "LabelPool":  # noqa: F821
     """The run's label pool as a per-epoch Dataset, with the image cache of ``cfg``."""
-    from lpld_ray.pool import ImageSource, LabelPool, LabelShards
+    from lpld_ray.data.pool import ImageSource, LabelPool, LabelShards
 
     images = ImageSource(store, ipc, cfg.image_cache_mb << 20)
     pool = LabelPool(LabelShards(store), images, size, sampling=cfg.view_sampling, seed=seed)
@@ -109,7 +77,7 @@ def open_pool(store: "Store", ipc: int, size: int, cfg: TrainConfig, seed: int) 
 
 def image_sampler(pool: "LabelPool", kind: str, world: int, rank: int, seed: int):  # noqa: F821
     """This rank's images per epoch: a global shuffle (DistributedSampler), or whole label shards per rank."""
-    from lpld_ray.pool import ShardSampler
+    from lpld_ray.data.pool import ShardSampler
 
     if kind == "shard":
         return ShardSampler(pool.index.shard_of, world, rank, seed)
@@ -121,9 +89,9 @@ def student_train_loop(job: StudentJob) -> None:
     import ray.train
     import ray.train.torch
 
-    from lpld_ray.manifest import ShardWriter
-    from lpld_ray.models import build_model, save_weights_bytes
-    from lpld_ray.storage import Store
+    from lpld_ray.method.models import build_model, save_weights_bytes
+    from lpld_ray.store.manifest import ShardWriter
+    from lpld_ray.store.storage import Store
 
     cfg = job.train
     torch.manual_seed(job.seed)

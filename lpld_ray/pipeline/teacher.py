@@ -13,12 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lpld_ray.config import DataConfig, TeacherConfig
-from lpld_ray.data import load_dataset
+from lpld_ray.data.datasets import load_dataset
 from lpld_ray.errors import LpldError
-from lpld_ray.training import evaluate, random_flip, train_epoch
+from lpld_ray.method.training import evaluate, random_flip, train_epoch
 
 if TYPE_CHECKING:
-    from lpld_ray.storage import Store
+    from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ def teacher_train_loop(job: TeacherJob) -> None:
     import ray.train
     import ray.train.torch
 
-    from lpld_ray.models import build_model, save_weights_bytes
-    from lpld_ray.manifest import ShardWriter
-    from lpld_ray.storage import Store
+    from lpld_ray.method.models import build_model, save_weights_bytes
+    from lpld_ray.store.manifest import ShardWriter
+    from lpld_ray.store.storage import Store
 
     torch.manual_seed(job.seed)
     cfg = job.teacher
@@ -87,8 +87,8 @@ def teacher_train_loop(job: TeacherJob) -> None:
 
 def teacher_state_bytes(store: "Store", cfg: TeacherConfig, weights_options: dict | None = None) -> bytes:
     """The teacher's state dict bytes: the user's weights if given, else the run's verified teacher shard."""
-    from lpld_ray.manifest import read_object, verify_shard
-    from lpld_ray.storage import read_uri_bytes
+    from lpld_ray.store.manifest import read_object, verify_shard
+    from lpld_ray.store.storage import read_uri_bytes
 
     if cfg.weights:
         return read_uri_bytes(cfg.weights, weights_options)
@@ -100,7 +100,7 @@ def teacher_state_bytes(store: "Store", cfg: TeacherConfig, weights_options: dic
 
 def evaluate_given_teacher(data: DataConfig, data_options: dict | None, arch: str, state: bytes, batch_size: int) -> float:
     """Test top-1 of given teacher weights on the real test set, on the GPU when there is one."""
-    from lpld_ray.models import build_teacher
+    from lpld_ray.method.models import build_teacher
 
     test_set = load_dataset(data, "test", data_options)
     spec = test_set.spec
@@ -111,7 +111,7 @@ def evaluate_given_teacher(data: DataConfig, data_options: dict | None, arch: st
 
 def commit_given_teacher(store: "Store", test_top1: float, weights_sha: str, seed: int) -> None:
     """Record the given weights' test top-1 (and which weights: their sha256) as the teacher/given shard."""
-    from lpld_ray.manifest import ShardWriter
+    from lpld_ray.store.manifest import ShardWriter
 
     writer = ShardWriter(store, TEACHER_STAGE, GIVEN_SHARD)
     writer.put(GIVEN_OBJECT, json.dumps({"test_top1": test_top1, "weights_sha256": weights_sha}).encode())
@@ -120,7 +120,7 @@ def commit_given_teacher(store: "Store", test_top1: float, weights_sha: str, see
 
 def recorded_teacher_top1(store: "Store", weights_given: bool) -> float | None:
     """The teacher's test top-1 as the run recorded it: of the given weights, or of the teacher trained here."""
-    from lpld_ray.manifest import read_manifest
+    from lpld_ray.store.manifest import read_manifest
 
     manifest = read_manifest(store, TEACHER_STAGE, GIVEN_SHARD if weights_given else TEACHER_SHARD)
     return manifest.meta.get("test_top1") if manifest else None

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lpld_ray.data import ImageSpec, normalize
+from lpld_ray.config import TrainConfig
+from lpld_ray.method.images import ImageSpec, normalize
 
 
 def random_flip(x: torch.Tensor) -> torch.Tensor:
@@ -54,3 +56,21 @@ def evaluate(model: nn.Module, loader: DataLoader, spec: ImageSpec, device: torc
         correct += (logits.argmax(1).cpu() == labels).sum().item()
         seen += labels.numel()
     return correct / max(seen, 1)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up for ``warmup_epochs``, then cosine to zero, stepped per batch."""
+    warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -99,11 +99,9 @@ def save_weights_bytes(model: nn.Module) -> bytes:
     return buf.getvalue()
 
 
-def load_weights(model: nn.Module, uri: str, read_bytes: Callable[[str], bytes] | None = None) -> nn.Module:
-    """Load a state dict from ``uri`` into ``model`` (in place) and return it; ModelError if it does not fit.
-
-    ``read_bytes`` defaults to :func:`lpld_ray.storage.read_uri_bytes`.
-    """
+def load_weights(model: nn.Module, uri: str, read_bytes: Callable[[str], bytes]) -> nn.Module:
+    """Load a state dict from ``uri`` (read by ``read_bytes``) into ``model`` (in place) and return it;
+    ModelError if it does not fit."""
     return load_weights_bytes(model, _read_weights(uri, read_bytes), source=uri)
 
 
@@ -116,9 +114,7 @@ def load_weights_bytes(model: nn.Module, raw: bytes, source: str = "<bytes>") ->
     return model
 
 
-def _read_weights(uri: str, read_bytes: Callable[[str], bytes] | None) -> bytes:
-    if read_bytes is None:
-        from lpld_ray.storage import read_uri_bytes as read_bytes
+def _read_weights(uri: str, read_bytes: Callable[[str], bytes]) -> bytes:
     try:
         return read_bytes(uri)
     except FileNotFoundError as err:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lpld_ray.errors import StorageError
-from lpld_ray.storage import Store
+from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lpld_ray.data import ImageSpec, normalize
-from lpld_ray.models import penultimate_features
+from lpld_ray.method.images import ImageSpec, normalize
+from lpld_ray.method.models import penultimate_features
 
 
 def mean_pairwise_cosine(features: torch.Tensor) -> float:

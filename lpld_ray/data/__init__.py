@@ -1,0 +1,1 @@
+"""Real datasets (Fashion-MNIST, digits, ImageFolder) and the label-pool Dataset."""

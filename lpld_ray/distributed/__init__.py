@@ -1,0 +1,1 @@
+"""Shard queue, actors and Ray Train runs: the only importer of ray."""

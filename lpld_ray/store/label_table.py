@@ -1,0 +1,121 @@
+"""The label record as an Arrow table in Parquet: the versioned schema, row order, reading and byte counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from lpld_ray.errors import StorageError
+
+LABEL_SCHEMA_VERSION = 1
+
+
+VERSION_KEY = b"lpld_label_schema_version"
+
+
+NUM_CLASSES_KEY = b"num_classes"
+
+
+def label_schema(num_classes: int) -> pa.Schema:
+    """The versioned Arrow schema of a label record; logits are fp16 (Parquet FLOAT16)."""
+    box = pa.list_(pa.int16(), 4)
+    fields = [
+        ("image_id", pa.int64()), ("view_id", pa.int32()), ("crop", box), ("flip", pa.bool_()),
+        ("mix", pa.int8()), ("partner_id", pa.int64()), ("partner_crop", box), ("partner_flip", pa.bool_()),
+        ("mix_box", box), ("lam", pa.float32()), ("logits", pa.list_(pa.float16(), int(num_classes))),
+    ]
+    meta = {VERSION_KEY: str(LABEL_SCHEMA_VERSION).encode(), NUM_CLASSES_KEY: str(int(num_classes)).encode()}
+    return pa.schema([pa.field(n, t, nullable=False) for n, t in fields], metadata=meta)
+
+
+def _boxes(boxes: list) -> pa.Array:
+    """Boxes (objects with top, left, height, width; None for no box) as a fixed-size list column."""
+    flat = np.array([[b.top, b.left, b.height, b.width] if b else [0, 0, 0, 0] for b in boxes], dtype=np.int16)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.int16()), 4)
+
+
+def records_to_table(views: list, logits: Tensor, num_classes: int) -> pa.Table:
+    """One row per view, with the teacher's fp16 output [len(views), num_classes] for it."""
+    if tuple(logits.shape) != (len(views), num_classes):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit {len(views)} views x {num_classes} classes")
+    flat = logits.detach().to("cpu", torch.float16).contiguous().numpy().reshape(-1)
+    columns = [
+        pa.array([v.image_id for v in views], pa.int64()), pa.array([v.view_id for v in views], pa.int32()),
+        _boxes([v.crop for v in views]), pa.array([v.flip for v in views], pa.bool_()),
+        pa.array([v.mix for v in views], pa.int8()), pa.array([v.partner_id for v in views], pa.int64()),
+        _boxes([v.partner_crop for v in views]), pa.array([v.partner_flip for v in views], pa.bool_()),
+        _boxes([v.mix_box for v in views]), pa.array([v.lam for v in views], pa.float32()),
+        pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), num_classes),
+    ]
+    return pa.Table.from_arrays(columns, schema=label_schema(num_classes))
+
+
+def epoch_order(views: list, counts: Tensor) -> tuple[list[int], list[int]]:
+    """Row order (by views of the image, view_id, image_id) and the row group sizes of equal (views, view_id):
+    epoch e of view cycling uses view e % n of each image, so it reads one row group per distinct n of a shard."""
+    keys = [(int(counts[v.image_id]), v.view_id) for v in views]
+    order = sorted(range(len(views)), key=lambda j: (*keys[j], views[j].image_id))
+    sizes: list[int] = []
+    for previous, j in zip([None, *order], order):
+        if previous is not None and keys[previous] == keys[j]:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    return order, sizes
+
+
+def table_to_parquet(table: pa.Table, row_groups: list[int] | None = None) -> bytes:
+    """Parquet bytes, zstd, with page checksums (range readers verify each page); ``row_groups``: their sizes."""
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, table.schema, compression="zstd", write_page_checksum=True) as writer:
+        start = 0
+        for size in row_groups if row_groups is not None else [table.num_rows]:
+            if size:
+                writer.write_table(table.slice(start, size), row_group_size=size)
+            start += size
+    return sink.getvalue().to_pybytes()
+
+
+def check_label_schema(schema: pa.Schema, where: str = "label table") -> None:
+    """StorageError unless ``schema`` carries the supported label schema version and a class count."""
+    meta = schema.metadata or {}
+    found = meta.get(VERSION_KEY, b"missing").decode("utf-8", "replace")
+    if found != str(LABEL_SCHEMA_VERSION) or NUM_CLASSES_KEY not in meta:
+        raise StorageError(f"{where} has label schema version {found}, which is not supported "
+                           f"(supported: {LABEL_SCHEMA_VERSION}): re-run the relabel stage")
+
+
+def read_label_table(data: bytes) -> pa.Table:
+    """A label table from Parquet bytes; StorageError unless its schema version is the supported one."""
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as err:
+        raise StorageError(f"label object is not a readable Parquet table: {str(err).splitlines()[0]}") from None
+    check_label_schema(table.schema)
+    return table
+
+
+def num_classes_of(table: pa.Table) -> int:
+    return int((table.schema.metadata or {})[NUM_CLASSES_KEY])
+
+
+def aug_bytes_per_row(schema: pa.Schema) -> int:
+    """Bytes of the non-logit columns of one row (ids and augmentation parameters; a bool counts as 1)."""
+    total = 0
+    for f in schema:
+        if f.name == "logits":
+            continue
+        kind, width = (f.type.value_type, f.type.list_size) if pa.types.is_fixed_size_list(f.type) else (f.type, 1)
+        total += max(1, kind.bit_width // 8) * width
+    return total
+
+
+def label_bytes(table: pa.Table) -> dict[str, int]:
+    """Label storage in the paper's terms: fp16 logits, augmentation parameters, and their total."""
+    rows = table.num_rows
+    logits = rows * num_classes_of(table) * 2
+    aug = rows * aug_bytes_per_row(table.schema)
+    return {"logits": logits, "aug": aug, "total": logits + aug}
