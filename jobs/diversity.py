@@ -12,7 +12,8 @@ from lpld_ray.data.datasets import load_dataset
 from lpld_ray.method.metrics import within_class_cosine
 from lpld_ray.method.models import build_model, load_weights_bytes
 from lpld_ray.pipeline.teacher import teacher_state_bytes
-from lpld_ray.pipeline.units import IMAGES_STAGE, load_shard_images
+from lpld_ray.pipeline.units import load_shard_images
+from lpld_ray.store.layout import IMAGES_STAGE
 from lpld_ray.store.manifest import list_shards
 from lpld_ray.store.run_record import read_run_config
 from lpld_ray.store.storage import Store

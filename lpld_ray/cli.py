@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from lpld_ray.config import Config, load_config
 from lpld_ray.errors import LpldError
-from lpld_ray.pipeline.plan import STAGE_FOLDERS
-from lpld_ray.pipeline.plan import STAGE_ORDER as STAGES
+from lpld_ray.pipeline.stages import STAGE_NAMES as STAGES
+from lpld_ray.pipeline.stages import STAGES as STAGE_TABLE
 
 if TYPE_CHECKING:
     from lpld_ray.store.storage import Store
@@ -66,7 +66,7 @@ def preflight(cfg: Config, run_dir: str) -> tuple["Store", int]:
 
 def start_over(store: "Store") -> None:
     """--force-new: remove the run record and every stage's folder, nothing else under the run root (the lease stays)."""
-    removed = sum(store.delete_tree(name) for name in STAGE_FOLDERS) + store.exists("run.yaml")
+    removed = sum(store.delete_tree(stage.folder) for stage in STAGE_TABLE) + store.exists("run.yaml")
     store.delete("run.yaml")
     log.warning("--force-new: deleted %d objects of the earlier run at %s", removed, store.root)
 
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages = parse_stages(args.stages)
         store, num_classes = preflight(cfg, args.run_dir)
         from lpld_ray.pipeline.plan import check_stage_inputs
-        from lpld_ray.pipeline.units import plan_class_shards
+        from lpld_ray.pipeline.shards import plan_class_shards
         from lpld_ray.store.run_record import check_run_record, write_run_record
 
         resuming = False if args.force_new else check_run_record(store, cfg)

@@ -20,7 +20,6 @@ from lpld_ray.method.views import (
 )
 from lpld_ray.pipeline.labels import (
     LABELS_OBJECT,
-    LABELS_STAGE,
     current_labels,
     read_label_shard,
     relabel_shard,
@@ -32,6 +31,7 @@ from lpld_ray.store.label_table import (
     read_label_table,
     table_to_parquet,
 )
+from lpld_ray.store.layout import LABELS_STAGE
 from lpld_ray.store.manifest import MANIFEST_NAME, read_manifest, verify_shard
 from lpld_ray.store.storage import Store
 

@@ -13,13 +13,9 @@ from lpld_ray.config import Config, DataConfig, RecoverConfig, RelabelConfig
 from lpld_ray.data.datasets import ClassDataset, load_dataset
 from lpld_ray.distributed.cluster import actor_options
 from lpld_ray.method.models import build_teacher
+from lpld_ray.pipeline.shards import ClassShard
 from lpld_ray.pipeline.teacher import evaluate_given_teacher
-from lpld_ray.pipeline.units import (
-    ClassShard,
-    load_images,
-    recover_shard,
-    squeeze_partition,
-)
+from lpld_ray.pipeline.units import load_images, recover_shard, squeeze_partition
 from lpld_ray.store.storage import Store, storage_options
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ import torch
 
 from lpld_ray.config import RunnerConfig
 from lpld_ray.errors import LpldError
+from lpld_ray.pipeline.plan import workers_that_fit
 
 log = logging.getLogger(__name__)
 
@@ -22,37 +23,37 @@ def init_ray() -> None:
     log.info("ray cluster resources: %s", {k: v for k, v in ray.cluster_resources().items() if "node" not in k})
 
 
+def cluster_resources() -> tuple[float, float]:
+    """(GPUs, CPUs) of the cluster this driver is connected to."""
+    resources = ray.cluster_resources()
+    return resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+
+
 def cluster_has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return cluster_resources()[0] > 0
 
 
 def actor_options(runner: RunnerConfig) -> dict[str, Any]:
+    """One GPU (and a CPU to feed it) per shard actor on a GPU cluster, else runner.cpus_per_worker CPUs."""
     if cluster_has_gpus():
         return {"num_gpus": 1, "num_cpus": 1}
     return {"num_cpus": runner.cpus_per_worker}
 
 
 def actor_count(runner: RunnerConfig, pending: int) -> int:
-    """As many as asked, or as the cluster's GPUs (else CPUs / cpus_per_worker) allow, never more than the work."""
-    if runner.num_workers:
-        wanted = runner.num_workers
-    elif cluster_has_gpus():
-        wanted = int(ray.cluster_resources()["GPU"])
-    else:
-        wanted = max(1, int(ray.cluster_resources().get("CPU", 1)) // runner.cpus_per_worker)
-    return max(1, min(wanted, pending))
+    """As many shard actors as fit the cluster (or as asked), never more than the work."""
+    return max(1, min(workers_that_fit(runner, *cluster_resources()), pending))
 
 
 def planned_actors(runner: RunnerConfig) -> str:
     """How many shard actors this cluster allows (joins it when RAY_ADDRESS is set; never starts a local Ray)."""
     if os.environ.get("RAY_ADDRESS"):
         init_ray()
-        where, gpus, cpus = "cluster", ray.cluster_resources().get("GPU", 0), ray.cluster_resources().get("CPU", 1)
+        where, (gpus, cpus) = "cluster", cluster_resources()
     else:
         where, gpus, cpus = "this machine", torch.cuda.device_count(), os.cpu_count() or 1
-    count = runner.num_workers or (int(gpus) if gpus else max(1, int(cpus) // runner.cpus_per_worker))
     unit = f"{int(gpus)} GPUs, one actor each" if gpus else f"{int(cpus)} CPUs, {runner.cpus_per_worker} per actor"
-    return f"{count} on {where} ({unit})"
+    return f"{workers_that_fit(runner, gpus, cpus)} on {where} ({unit})"
 
 
 def raise_user_error(err: ray.exceptions.RayTaskError) -> None:

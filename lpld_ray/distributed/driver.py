@@ -1,17 +1,17 @@
-"""Stage planning, the class-shard queue over Ray actors, Ray Train runs, and progress: all of Ray is here."""
+"""The driver: each stage of the table run over Ray (tasks, shard actors, Ray Train), in order."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import ray
-import torch
 
 from lpld_ray.config import (
     Config,
-    RecoverConfig,
 )
 from lpld_ray.data.datasets import load_dataset
 from lpld_ray.distributed.actors import (
@@ -20,16 +20,31 @@ from lpld_ray.distributed.actors import (
     shard_worker,
     squeeze_task,
 )
-from lpld_ray.distributed.cluster import actor_options, get_or_raise, init_ray
+from lpld_ray.distributed.cluster import (
+    actor_options,
+    cluster_resources,
+    get_or_raise,
+    init_ray,
+)
 from lpld_ray.distributed.shard_queue import run_shard_queue
 from lpld_ray.distributed.train import TrainerSpec, train_once
 from lpld_ray.method.squeeze import reduce_in_order
-from lpld_ray.pipeline.plan import STAGE_ORDER, require_verified
+from lpld_ray.pipeline.labels import current_labels
+from lpld_ray.pipeline.plan import require_verified, workers_that_fit
 from lpld_ray.pipeline.progress import Progress
+from lpld_ray.pipeline.report import build_report, human_summary, write_report
+from lpld_ray.pipeline.shards import GLOBAL_SHARD, ClassShard, plan_class_shards
+from lpld_ray.pipeline.sheet import write_contact_sheet
+from lpld_ray.pipeline.stages import (
+    STAGES,
+    recover_inputs,
+    relabel_inputs,
+    train_inputs,
+)
+from lpld_ray.pipeline.student import STUDENT_SHARD, StudentJob, student_train_loop
 from lpld_ray.pipeline.teacher import (
     GIVEN_SHARD,
     TEACHER_SHARD,
-    TEACHER_STAGE,
     TeacherJob,
     commit_given_teacher,
     recorded_teacher_top1,
@@ -37,29 +52,21 @@ from lpld_ray.pipeline.teacher import (
     teacher_train_loop,
 )
 from lpld_ray.pipeline.units import (
-    GLOBAL_SHARD,
-    IMAGES_STAGE,
-    STATS_STAGE,
-    ClassShard,
-    contact_sheet,
     data_partition,
-    load_shard_images,
-    plan_class_shards,
     write_stats,
 )
-from lpld_ray.store.manifest import current_shard, inputs_digest, read_manifest
+from lpld_ray.store.layout import (
+    IMAGES_STAGE,
+    LABELS_STAGE,
+    STATS_STAGE,
+    STUDENT_STAGE,
+    TEACHER_STAGE,
+)
+from lpld_ray.store.manifest import current_shard, read_manifest
 from lpld_ray.store.storage import Store, storage_options
 
 log = logging.getLogger(__name__)
 
-SHEET_CLASSES = 100  # rows of the contact sheet
-
-
-def recover_inputs(cfg: RecoverConfig, store: Store, shard: ClassShard) -> str:
-    """Digest of the stats a class shard's images are made from ('' for random real images)."""
-    if cfg.source == "real":
-        return ""
-    return inputs_digest(store, (STATS_STAGE,), [shard.name if cfg.batching == "class_wise" else GLOBAL_SHARD])
 
 
 def run_teacher(cfg: Config, store: Store, state_ref: ray.ObjectRef | None, teacher_sha: str) -> dict:
@@ -82,16 +89,16 @@ def run_teacher(cfg: Config, store: Store, state_ref: ray.ObjectRef | None, teac
     return {"test_top1": manifest.meta["test_top1"]}
 
 
-def run_squeeze(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef, teacher_sha: str) -> dict:
+def run_squeeze(ctx: StageRun) -> dict:
     """Per-class BN sums over data partitions (Ray tasks), reduced and committed per class shard."""
+    cfg, store, shards, state_ref, teacher_sha = ctx.cfg, ctx.store, ctx.shards, ctx.state_ref, ctx.teacher_sha
     names = [s.name for s in shards] + [GLOBAL_SHARD]
     missing = [n for n in names if current_shard(store, STATS_STAGE, n, teacher_sha) is None]
     if not missing:
         log.info("squeeze: all %d stats shards verified; skipping", len(names))
         return {"shards_written": 0}
     parts = cfg.squeeze.partitions
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.runner.cpus_per_worker)
-    window = 2 * slots  # partition sums in flight: what the object store holds of them; the driver holds two
+    window = 2 * workers_that_fit(cfg.runner, 0, cluster_resources()[1])  # partition sums in flight: what the object store holds of them; the driver holds two
 
     train_set = load_dataset(cfg.data, "train", data_options(cfg))  # listed once here; each task gets its slice
 
@@ -107,41 +114,36 @@ def run_squeeze(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
     return {"shards_written": written}
 
 
-def run_recover(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef, num_classes: int) -> dict:
+def run_recover(ctx: StageRun) -> dict:
     """Recover every class shard without a verified manifest on a pool of actors; then the contact sheet."""
-    inputs = {s.name: recover_inputs(cfg.recover, store, s) for s in shards}
+    cfg, store, shards = ctx.cfg, ctx.store, ctx.shards
+    inputs = {s.name: recover_inputs(cfg, store, s) for s in shards}
     pending = [s for s in shards if current_shard(store, IMAGES_STAGE, s.name, inputs[s.name]) is None]
     log.info("recover: %d of %d class shards to do", len(pending), len(shards))
     if pending:
         run_shard_queue(
             "recover",
             pending,
-            lambda: shard_worker(cfg, store, state_ref, num_classes),
+            lambda: shard_worker(cfg, store, ctx.state_ref, ctx.num_classes),
             lambda actor, shard: actor.recover.remote(shard, cfg.recover, cfg.seed, inputs[shard.name]),
             cfg.runner,
         )
-    sheet_shards = [s for s in shards if s.class_ids[0] < SHEET_CLASSES]  # read only what the sheet shows
-    images, labels = zip(*(load_shard_images(store, s.name) for s in sheet_shards))
-    sheet = contact_sheet(torch.cat(images), torch.cat(labels), max_classes=SHEET_CLASSES)
-    store.write_bytes("report/contact_sheet.png", sheet)
-    log.info("recover: contact sheet at %s", store.uri("report/contact_sheet.png"))
-    return {"shards_done": len(pending), "contact_sheet": store.uri("report/contact_sheet.png")}
+    sheet = write_contact_sheet(store, shards)
+    log.info("recover: contact sheet at %s", sheet)
+    return {"shards_done": len(pending), "contact_sheet": sheet}
 
 
-def run_relabel(cfg: Config, store: Store, shards: list[ClassShard], state_ref: ray.ObjectRef, num_classes: int,
-                teacher_sha: str) -> dict:
+def run_relabel(ctx: StageRun) -> dict:
     """One label shard per class shard; every images shard must exist (CutMix partners come from any class)."""
-    from lpld_ray.pipeline.labels import current_labels
-
-    images = inputs_digest(store, (IMAGES_STAGE,), [s.name for s in shards])  # CutMix partners come from any shard
-    inputs = hashlib.sha256(f"{images}:{teacher_sha}".encode()).hexdigest()
+    cfg, store, shards, num_classes = ctx.cfg, ctx.store, ctx.shards, ctx.num_classes
+    inputs = relabel_inputs(store, shards, ctx.teacher_sha)
     pending = [s for s in shards if current_labels(store, s.name, inputs) is None]
     log.info("relabel: %d of %d class shards to do", len(pending), len(shards))
     if pending:
         run_shard_queue(
             "relabel",
             pending,
-            lambda: shard_worker(cfg, store, state_ref, num_classes),
+            lambda: shard_worker(cfg, store, ctx.state_ref, num_classes),
             lambda actor, shard: actor.relabel.remote(shard, shards, cfg.relabel, cfg.recover.ipc, num_classes, cfg.seed, inputs),
             cfg.runner,
         )
@@ -150,18 +152,10 @@ def run_relabel(cfg: Config, store: Store, shards: list[ClassShard], state_ref: 
 
 def run_train(cfg: Config, store: Store, shards: list[ClassShard]) -> dict:
     """Student training with Ray Train; re-running resumes from the last checkpoint under <run>/train/."""
-    from lpld_ray.pipeline.labels import LABELS_STAGE
-    from lpld_ray.pipeline.student import (
-        STUDENT_SHARD,
-        STUDENT_STAGE,
-        StudentJob,
-        student_train_loop,
-    )
-
     names = [s.name for s in shards]
     require_verified(store, LABELS_STAGE, names, "train", "relabel")  # never train on a truncated or altered object
     require_verified(store, IMAGES_STAGE, names, "train", "recover")
-    inputs = inputs_digest(store, (LABELS_STAGE, IMAGES_STAGE), names)  # what the student learns from
+    inputs = train_inputs(store, shards)
     job = StudentJob(cfg.data, cfg.train, store.root, store.storage_options, cfg.seed, cfg.recover.ipc, inputs,
                      data_options(cfg))
     spec = TrainerSpec(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.max_failures, inputs)
@@ -170,10 +164,9 @@ def run_train(cfg: Config, store: Store, shards: list[ClassShard]) -> dict:
     return {"student_top1": manifest.meta["student_top1"], "resumed_from": manifest.meta["resumed_from"]}
 
 
-def run_report(cfg: Config, store: Store, summary: dict[str, dict]) -> dict:
+def run_report(ctx: StageRun) -> dict:
     """report/report.json from the committed shards, and the human summary line."""
-    from lpld_ray.pipeline.report import build_report, human_summary, write_report
-    from lpld_ray.pipeline.student import STUDENT_SHARD, STUDENT_STAGE
+    cfg, store, summary = ctx.cfg, ctx.store, ctx.summary
 
     student = read_manifest(store, STUDENT_STAGE, STUDENT_SHARD)
     walls = {stage: part["wall_seconds"] for stage, part in summary.items()}
@@ -185,32 +178,48 @@ def run_report(cfg: Config, store: Store, summary: dict[str, dict]) -> dict:
     return {"report": uri}
 
 
+@dataclass
+class StageRun:
+    """What a stage's driver function gets: the run, its class shards, and the teacher once loaded."""
+
+    cfg: Config
+    store: Store
+    shards: list[ClassShard]
+    num_classes: int
+    summary: dict[str, dict] = field(default_factory=dict)
+    state_ref: ray.ObjectRef | None = None  # the teacher's state dict bytes, in the object store once
+    teacher_sha: str = ""
+
+    def load_teacher(self) -> None:
+        """Put the teacher's weights into the object store (once per run)."""
+        if self.state_ref is None:
+            options = storage_options(self.cfg.storage, self.cfg.teacher.weights or "")
+            state = teacher_state_bytes(self.store, self.cfg.teacher, options)
+            self.state_ref, self.teacher_sha = ray.put(state), hashlib.sha256(state).hexdigest()
+
+
+# the driver function of every stage of lpld_ray.pipeline.stages.STAGES (a test checks the names match)
+RUNNERS: dict[str, Callable[[StageRun], dict]] = {
+    "teacher": lambda ctx: run_teacher(ctx.cfg, ctx.store, ctx.state_ref, ctx.teacher_sha),
+    "squeeze": run_squeeze,
+    "recover": run_recover,
+    "relabel": run_relabel,
+    "train": lambda ctx: run_train(ctx.cfg, ctx.store, ctx.shards),
+    "report": run_report,
+}
+
+
 def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int) -> dict[str, dict]:
-    """Run the asked stages in order; each does only the work whose shards do not verify."""
-    shards = plan_class_shards(num_classes, cfg.runner.class_shard_size)
+    """Run the asked stages in table order; each does only the work whose shards do not verify."""
+    ctx = StageRun(cfg, store, plan_class_shards(num_classes, cfg.runner.class_shard_size), num_classes)
     init_ray()
-    summary: dict[str, dict] = {}
-    state_ref, teacher_sha = None, ""
-    needs_state = {"squeeze", "recover", "relabel"} | ({"teacher"} if cfg.teacher.weights else set())
-    for stage in STAGE_ORDER:
-        if stage not in stages:
+    for stage in STAGES:
+        if stage.name not in stages:
             continue
         started = time.time()
-        if stage in needs_state and state_ref is None:
-            state = teacher_state_bytes(store, cfg.teacher, storage_options(cfg.storage, cfg.teacher.weights or ""))
-            state_ref, teacher_sha = ray.put(state), hashlib.sha256(state).hexdigest()  # in the object store once
-        if stage == "teacher":
-            summary[stage] = run_teacher(cfg, store, state_ref, teacher_sha)
-        elif stage == "squeeze":
-            summary[stage] = run_squeeze(cfg, store, shards, state_ref, teacher_sha)
-        elif stage == "recover":
-            summary[stage] = run_recover(cfg, store, shards, state_ref, num_classes)
-        elif stage == "relabel":
-            summary[stage] = run_relabel(cfg, store, shards, state_ref, num_classes, teacher_sha)
-        elif stage == "train":
-            summary[stage] = run_train(cfg, store, shards)
-        else:
-            summary[stage] = run_report(cfg, store, summary)
-        summary[stage]["wall_seconds"] = round(time.time() - started, 2)
-        log.info("%s: done in %.1fs", stage, summary[stage]["wall_seconds"])
-    return summary
+        if stage.needs_teacher(cfg):
+            ctx.load_teacher()
+        ctx.summary[stage.name] = RUNNERS[stage.name](ctx)
+        ctx.summary[stage.name]["wall_seconds"] = round(time.time() - started, 2)
+        log.info("%s: done in %.1fs", stage.name, ctx.summary[stage.name]["wall_seconds"])
+    return ctx.summary

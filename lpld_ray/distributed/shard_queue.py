@@ -11,7 +11,7 @@ import ray
 from lpld_ray.config import RunnerConfig
 from lpld_ray.distributed.cluster import actor_count, raise_user_error
 from lpld_ray.pipeline.progress import Progress
-from lpld_ray.pipeline.units import ClassShard
+from lpld_ray.pipeline.shards import ClassShard
 
 log = logging.getLogger(__name__)
 

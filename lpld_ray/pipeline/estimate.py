@@ -162,7 +162,7 @@ def squeeze_sum_bytes(cfg: Config, shape: DatasetShape) -> int:
 
 def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
     """The human plan: work units per stage, storage per compression, memory per worker, actors."""
-    from lpld_ray.pipeline.units import plan_class_shards
+    from lpld_ray.pipeline.shards import plan_class_shards
 
     shards = len(plan_class_shards(shape.num_classes, cfg.runner.class_shard_size))
     images = shape.num_classes * cfg.recover.ipc

@@ -1,51 +1,57 @@
-"""Stage planning without Ray: the stage order, and what each asked stage needs from the run already."""
+"""Before any work: what each asked stage needs from the run already, checked from the stage table."""
 
 from __future__ import annotations
 
-from lpld_ray.config import Config
+from lpld_ray.config import Config, RunnerConfig
 from lpld_ray.errors import LpldError
-from lpld_ray.pipeline.teacher import TEACHER_SHARD, TEACHER_STAGE
-from lpld_ray.pipeline.units import GLOBAL_SHARD, IMAGES_STAGE, STATS_STAGE, ClassShard
+from lpld_ray.pipeline.shards import ClassShard
+from lpld_ray.pipeline.stages import BY_NAME, STAGE_NAMES, output_shards
 from lpld_ray.store.manifest import read_manifest, shard_problem
 from lpld_ray.store.storage import Store
 
-STAGE_ORDER = ("teacher", "squeeze", "recover", "relabel", "train", "report")
-STAGE_FOLDERS = ("teacher", "stats", "images", "labels", "train", "report")  # what each stage writes, in order
 
-
-def require_stage(store: Store, stage: str, names: list[str], needed_by: str, producer: str, fresh: bool = False) -> None:
-    """Fail with one line naming the missing stage when a later stage's inputs are absent (or all are, when ``fresh``).
+def missing_shards(store: Store, stage: str, names: list[str], fresh: bool) -> list[str]:
+    """The shards of ``stage`` among ``names`` without a manifest (all of them when the run is about to be emptied).
     Only manifests are read here; the stage that reads the objects verifies them."""
-    missing = list(names) if fresh else [n for n in names if read_manifest(store, stage, n) is None]
-    if missing:
-        raise LpldError(f"{needed_by} needs the {producer} stage's output, but {stage}/{missing[0]} is missing "
-                        f"({len(missing)} of {len(names)} shards): run with --stages {producer},{needed_by}")
+    folder = BY_NAME[stage].folder
+    return list(names) if fresh else [n for n in names if read_manifest(store, folder, n) is None]
 
 
-def check_stage_inputs(cfg: Config, store: Store, stages: list[str], shards: list[ClassShard], fresh: bool = False) -> None:
+def stages_to_run(cfg: Config, store: Store, asked: list[str], shards: list[ClassShard], fresh: bool) -> list[str]:
+    """``asked`` plus every stage upstream of them whose output the run lacks, in table order: what a user must run."""
+    wanted, pending = set(asked), list(asked)
+    while pending:
+        for producer in BY_NAME[pending.pop()].reads(cfg):
+            names = output_shards(producer, cfg, shards)
+            if producer not in wanted and missing_shards(store, producer, names, fresh):
+                wanted.add(producer)
+                pending.append(producer)
+    return [name for name in STAGE_NAMES if name in wanted]
+
+
+def check_stage_inputs(cfg: Config, store: Store, asked: list[str], shards: list[ClassShard], fresh: bool = False) -> None:
     """Before any work: every asked stage's input is either made by an earlier asked stage or already in the run
-    (``fresh``: the run is about to be emptied, so nothing in it counts)."""
-    from lpld_ray.pipeline.labels import LABELS_STAGE
-
-    names = [s.name for s in shards]
-    needs_teacher = {"squeeze", "recover", "relabel"} & set(stages)
-    if needs_teacher and "teacher" not in stages and not cfg.teacher.weights:
-        require_stage(store, TEACHER_STAGE, [TEACHER_SHARD], sorted(needs_teacher)[0], "teacher", fresh)
-    if "recover" in stages and "squeeze" not in stages and cfg.recover.source == "synthetic":
-        needed = names if cfg.recover.batching == "class_wise" else [GLOBAL_SHARD]
-        require_stage(store, STATS_STAGE, needed, "recover", "squeeze", fresh)
-    for stage in ("relabel", "train"):
-        if stage in stages and "recover" not in stages:
-            require_stage(store, IMAGES_STAGE, names, stage, "recover", fresh)
-    if "train" in stages and "relabel" not in stages:
-        require_stage(store, LABELS_STAGE, names, "train", "relabel", fresh)
-        require_label_schema(store, names)
+    (``fresh``: the run is about to be emptied, so nothing in it counts). Fails with one line naming the first
+    missing shard and the stages to run."""
+    for stage in (BY_NAME[name] for name in STAGE_NAMES if name in asked):
+        for producer in stage.reads(cfg):
+            if producer in asked:
+                continue
+            names = output_shards(producer, cfg, shards)
+            missing = missing_shards(store, producer, names, fresh)
+            if missing:
+                chain = ",".join(stages_to_run(cfg, store, asked, shards, fresh))
+                raise LpldError(f"{stage.name} needs the {producer} stage's output, but "
+                                f"{BY_NAME[producer].folder}/{missing[0]} is missing ({len(missing)} of {len(names)} "
+                                f"shards): run with --stages {chain}")
+            if producer == "relabel":
+                require_label_schema(store, names)
 
 
 def require_label_schema(store: Store, names: list[str]) -> None:
     """Fail with one line naming the shard when a labels shard has a schema version this lpld_ray cannot read."""
-    from lpld_ray.pipeline.labels import LABELS_STAGE
     from lpld_ray.store.label_table import LABEL_SCHEMA_VERSION
+    from lpld_ray.store.layout import LABELS_STAGE
 
     for name in names:
         manifest = read_manifest(store, LABELS_STAGE, name)
@@ -62,3 +68,13 @@ def require_verified(store: Store, stage: str, names: list[str], needed_by: str,
         if problem is not None:
             raise LpldError(f"{needed_by} will not use {stage}/{name}: {problem}; run with --stages {producer},{needed_by} "
                             "to redo it")
+
+
+def workers_that_fit(runner: RunnerConfig, gpus: float, cpus: float) -> int:
+    """Shard actors (or squeeze task slots) at once: runner.num_workers when set, else one per GPU, else
+    CPUs // runner.cpus_per_worker; at least one."""
+    if runner.num_workers:
+        return runner.num_workers
+    if gpus >= 1:
+        return int(gpus)
+    return max(1, int(cpus) // runner.cpus_per_worker)

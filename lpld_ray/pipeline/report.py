@@ -6,13 +6,12 @@ import json
 import logging
 
 from lpld_ray.config import Config
-from lpld_ray.pipeline.units import IMAGES_STAGE
+from lpld_ray.store.layout import IMAGES_STAGE, LABELS_STAGE
 from lpld_ray.store.manifest import list_shards, read_manifest
 from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
 
-LABELS_STAGE = "labels"
 REPORT_OBJECT = "report/report.json"
 
 

@@ -21,10 +21,10 @@ from lpld_ray.method.training import (
     make_scheduler,
     train_epoch,
 )
+from lpld_ray.store.layout import STUDENT_STAGE
 
 log = logging.getLogger(__name__)
 
-STUDENT_STAGE = "train"
 STUDENT_SHARD = "model"
 STUDENT_OBJECT = "student.pt"
 CHECKPOINT_FILE = "state.pt"

@@ -19,10 +19,10 @@ from lpld_ray.method.training import evaluate, random_flip, train_epoch
 
 if TYPE_CHECKING:
     from lpld_ray.store.storage import Store
+from lpld_ray.store.layout import TEACHER_STAGE
 
 log = logging.getLogger(__name__)
 
-TEACHER_STAGE = "teacher"
 TEACHER_SHARD = "model"
 TEACHER_OBJECT = "teacher.pt"
 GIVEN_SHARD = "given"  # the test top-1 of user-given weights (teacher.weights)

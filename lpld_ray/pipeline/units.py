@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,7 +20,9 @@ from lpld_ray.method.recover import (
     recover_groups,
 )
 from lpld_ray.method.squeeze import BNSums, accumulate_bn_sums
+from lpld_ray.pipeline.shards import GLOBAL_SHARD, ClassShard
 from lpld_ray.store.codecs import decode_png, encode_png
+from lpld_ray.store.layout import IMAGES_STAGE, STATS_STAGE, image_object_name
 from lpld_ray.store.manifest import (
     ShardWriter,
     current_shard,
@@ -29,32 +30,11 @@ from lpld_ray.store.manifest import (
     read_object,
     verify_shard,
 )
-from lpld_ray.store.storage import Store, shard_name
+from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
 
-STATS_STAGE, IMAGES_STAGE = "stats", "images"
-GLOBAL_SHARD = "global"
 STATS_OBJECT = "bn_sums.npz"
-
-
-@dataclass(frozen=True)
-class ClassShard:
-    """A fixed, contiguous range of class ids: the unit of parallelism, retry and resume."""
-
-    index: int
-    class_ids: tuple[int, ...]
-
-    @property
-    def name(self) -> str:
-        return shard_name(self.index)
-
-
-def plan_class_shards(num_classes: int, shard_size: int) -> list[ClassShard]:
-    return [
-        ClassShard(i, tuple(range(start, min(start + shard_size, num_classes))))
-        for i, start in enumerate(range(0, num_classes, shard_size))
-    ]
 
 
 # ----------------------------------------------------------------------------- squeeze
@@ -98,10 +78,6 @@ def load_stats(store: Store, name: str) -> BNSums:
 
 
 # ----------------------------------------------------------------------------- recover
-
-
-def image_object_name(class_id: int, index: int) -> str:
-    return f"{class_id:05d}_{index:04d}.png"
 
 
 def recover_shard(
@@ -170,14 +146,6 @@ def load_shard_images(store: Store, name: str) -> tuple[torch.Tensor, torch.Tens
     return torch.stack(images), torch.tensor(labels)
 
 
-def image_id_from_name(name: str, ipc: int) -> int:
-    """Run-wide image id of an image object ``CCCCC_IIII.png``."""
-    from lpld_ray.method.views import image_id_of
-
-    class_id, index = name.split(".")[0].split("_")
-    return image_id_of(int(class_id), int(index), ipc)
-
-
 def load_images(store: Store, ipc: int, ids: set[int], shards: list[ClassShard]) -> dict[int, torch.Tensor]:
     """Only the images ``ids`` (run-wide ids), each object checked against its shard's manifest on read."""
     wanted: dict[str, list[int]] = {}
@@ -195,14 +163,3 @@ def load_images(store: Store, ipc: int, ids: set[int], shards: list[ClassShard])
     return images
 
 
-def contact_sheet(images: torch.Tensor, labels: torch.Tensor, max_classes: int = 100, max_per_class: int = 10) -> bytes:
-    """A PNG grid: one row per class (up to ``max_classes``), up to ``max_per_class`` images each."""
-    from torchvision.utils import make_grid
-
-    rows = []
-    for c in sorted(set(labels.tolist()))[:max_classes]:
-        row = images[labels == c][:max_per_class]
-        pad = max_per_class - row.shape[0]
-        rows.append(torch.cat([row, torch.ones(pad, *row.shape[1:])]) if pad else row)
-    grid = make_grid(torch.cat(rows), nrow=max_per_class, padding=2, pad_value=1.0)
-    return encode_png(grid)

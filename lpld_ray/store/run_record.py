@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from importlib import metadata
 
 import yaml
 
@@ -16,29 +17,23 @@ from lpld_ray.config import (
     result_key_diff,
 )
 from lpld_ray.errors import LpldError
+from lpld_ray.store.layout import RUN_RECORD
 from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
 
-RUN_RECORD = "run.yaml"
 RUN_SCHEMA_VERSION = 1
 
 
 def library_versions() -> dict[str, str]:
-    import pyarrow
-    import ray
-    import torch
-    import torchvision
-
-    versions = {
-        "lpld_ray": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "ray": ray.__version__,
-        "pyarrow": pyarrow.__version__,
-    }
-    return {name: str(version) for name, version in versions.items()}
+    """Versions of Python and the libraries whose behaviour the results depend on (read without importing them)."""
+    versions = {"lpld_ray": __version__, "python": platform.python_version()}
+    for name in ("torch", "torchvision", "ray", "pyarrow"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def check_run_record(store: Store, cfg: Config) -> bool:

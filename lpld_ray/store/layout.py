@@ -1,0 +1,32 @@
+"""The run directory's layout (DESIGN section 4): the folder each stage writes, and the run-level objects."""
+
+from __future__ import annotations
+
+TEACHER_STAGE = "teacher"
+STATS_STAGE = "stats"
+IMAGES_STAGE = "images"
+LABELS_STAGE = "labels"
+STUDENT_STAGE = "train"
+REPORT_STAGE = "report"
+
+# stage name -> the folder under the run root it writes (the stage table in lpld_ray.pipeline.stages reads this)
+FOLDERS = {
+    "teacher": TEACHER_STAGE,
+    "squeeze": STATS_STAGE,
+    "recover": IMAGES_STAGE,
+    "relabel": LABELS_STAGE,
+    "train": STUDENT_STAGE,
+    "report": REPORT_STAGE,
+}
+RUN_RECORD = "run.yaml"
+
+
+def image_object_name(class_id: int, index: int) -> str:
+    """The object name of image ``index`` of class ``class_id`` in its images shard."""
+    return f"{class_id:05d}_{index:04d}.png"
+
+
+def image_id_from_name(name: str, ipc: int) -> int:
+    """Run-wide image id (``class_id * ipc + index``) of an image object ``CCCCC_IIII.png``."""
+    class_id, index = name.split(".")[0].split("_")
+    return int(class_id) * int(ipc) + int(index)
