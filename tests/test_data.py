@@ -284,6 +284,27 @@ def test_image_folder_batches_decode_in_threads_and_pickle_without_their_store(t
     assert calls == [4, 4, 2] and torch.equal(batched, one_by_one)  # DataLoader asks for whole batches
     assert [y for _, y in ds.__getitems__([9, 0, 5])] == [1, 0, 1]
     copy = pickle.loads(pickle.dumps(ds))
-    assert copy._store is None and torch.equal(copy[3][0], one_by_one[3])
+    assert copy.store == ds.store and copy.store._opened is None  # the filesystem is reopened on first use
+    assert torch.equal(copy[3][0], one_by_one[3]) and copy.store._opened is not None
     half = ds.subset(torch.arange(5, 10))
     assert half.files == ds.files[5:] and torch.equal(half.images(torch.arange(5)), one_by_one[5:])
+
+
+def test_image_folder_on_s3_holds_one_store_and_pickles_without_the_secret(tmp_path, moto_s3):
+    """A split holds the Store it was listed with; a pickled copy (a DataLoader worker, a Ray task) reads the same
+    pixels, and the pickle does not carry the secret key in clear."""
+    import pickle
+
+    from lpld_ray.store.storage import Store
+
+    _write_folder(tmp_path, ["x", "y"], {"train": 2, "val": 1})
+    root = f"s3://{moto_s3.make_bucket()}/fm"
+    remote = Store(root, moto_s3.options())
+    for path in sorted(tmp_path.rglob("*.png")):
+        remote.write_bytes(str(path.relative_to(tmp_path)), path.read_bytes())
+    ds = load_dataset(DataConfig(name="image_folder", root=root, image_size=16), "train", moto_s3.options())
+    assert ds.store == remote and ds.root == root and ds.subset(torch.arange(2)).store is ds.store
+    data = pickle.dumps(ds)
+    assert moto_s3.secret_key.encode() not in data
+    copy = pickle.loads(data)
+    assert torch.equal(copy.images(torch.arange(len(ds))), ds.images(torch.arange(len(ds))))

@@ -75,3 +75,89 @@ def test_unreachable_store_fails_after_bounded_retries_then_recovers(moto_s3):
     finally:
         moto_s3.start()
     assert store.read_bytes("images/a.bin") == b"kept"
+
+
+def test_pickled_s3_store_reads_the_same_bytes_and_hides_the_secret(moto_s3):
+    import pickle
+
+    store = Store(f"s3://{moto_s3.make_bucket()}/run", moto_s3.options())
+    store.write_bytes("images/a.bin", b"abc" * 100)
+    data = pickle.dumps(store)
+    assert moto_s3.secret_key.encode() not in data and b"S3FileSystem" not in data
+    copy = pickle.loads(data)
+    assert copy == store and copy.storage_options == moto_s3.options() and copy._opened is None
+    assert copy.read_bytes("images/a.bin") == b"abc" * 100 and copy.size("images/a.bin") == 300
+    assert moto_s3.secret_key not in repr(copy)
+
+
+def _unpickle_and_write(data: bytes, name: str) -> None:
+    """In a fresh Python process: the pickled Store writes ``name`` (a worker of another process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import pickle, sys; store = pickle.loads(sys.stdin.buffer.read()); "
+            f"store.write_bytes({name!r}, b'late'); assert store.list('images')")
+    root = str(Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": root})
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+
+
+def test_listing_sees_what_another_process_wrote(moto_s3):
+    import pickle
+
+    store = Store(f"s3://{moto_s3.make_bucket()}/run", moto_s3.options())
+    store.write_bytes("images/s0/a.bin", b"a")
+    assert store.list("images") == ["s0/a.bin"] and store.folders("images") == ["s0"]
+    assert not store.exists("images/s1/b.bin")
+    _unpickle_and_write(pickle.dumps(store), "images/s1/b.bin")
+    assert store.list("images") == ["s0/a.bin", "s1/b.bin"] and store.folders("images") == ["s0", "s1"]
+    assert store.exists("images/s1/b.bin") and store.size("images/s1/b.bin") == 4
+    other = Store(store.root, dict(moto_s3.options(), skip_instance_cache=True))  # its own s3fs client
+    other.write_bytes("images/s0/c.bin", b"cc")
+    assert store.list("images/s0") == ["a.bin", "c.bin"] and store.read_bytes("images/s0/c.bin") == b"cc"
+
+
+def test_s3_store_works_in_a_forked_child(moto_s3):
+    import multiprocessing
+
+    store = Store(f"s3://{moto_s3.make_bucket()}/run", moto_s3.options())
+    store.write_bytes("a.bin", b"parent")  # the parent's s3fs client and event loop are now running
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_reads_and_writes, args=(store, queue))
+    child.start()
+    child.join(90)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0 and queue.get(timeout=5) == b"parent"
+    assert store.read_bytes("b.bin") == b"child" and store.list("") == ["a.bin", "b.bin"]
+
+
+def _child_reads_and_writes(store: Store, queue) -> None:
+    queue.put(store.read_bytes("a.bin"))
+    store.write_bytes("b.bin", b"child")
+
+
+def test_delete_tree_is_one_batched_delete_on_s3(moto_s3, monkeypatch):
+    store = Store(f"s3://{moto_s3.make_bucket()}/run", moto_s3.options())
+    names = [f"images/shard-{s:05d}/{i:03d}.png" for s in range(3) for i in range(7)]
+    for name in names:
+        store.write_bytes(name, b"x")
+    store.write_bytes("labels/global/labels.parquet", b"y")
+    fs = store._fs
+    batches = []
+    real_bulk = fs._bulk_delete
+
+    async def bulk_spy(paths, **kw):
+        batches.append(list(paths))
+        return await real_bulk(paths, **kw)
+
+    monkeypatch.setattr(fs, "_bulk_delete", bulk_spy)
+    monkeypatch.setattr(store, "delete", lambda rel: pytest.fail(f"one request per object: {rel}"))
+    assert store.delete_tree("images") == len(names)
+    assert len(batches) == 1  # one DeleteObjects request for all 21 objects (s3fs adds the folder prefixes)
+    assert {store._path(n) for n in names} <= set(batches[0])
+    assert store.list("images") == [] and store.list("labels") == ["global/labels.parquet"]
+    assert store.delete_tree("images") == 0 and store.delete_tree("nothing/here") == 0 and len(batches) == 1

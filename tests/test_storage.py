@@ -385,3 +385,64 @@ def test_copy_stage_keeps_shards_verifiable(tmp_path):
     manifest = verify_shard(dst, "images", "shard-00000")
     assert manifest is not None and manifest.seed == 3
     assert dst.read_bytes("images/shard-00000/00000_0001.png") == b"y" * 7
+
+
+# --- pickling, equality, recursive delete -------------------------------------
+
+
+def test_store_pickles_without_its_filesystem_and_reads_the_same_bytes(store):
+    import pickle
+
+    store.write_bytes("images/a.bin", b"payload")
+    data = pickle.dumps(store)
+    copy = pickle.loads(data)
+    assert copy._opened is None and copy == store and hash(copy) == hash(store)
+    assert copy.read_bytes("images/a.bin") == b"payload" and copy.list("images") == ["a.bin"]
+    assert copy._opened is not None and repr(copy) == repr(store) == f"Store({store.root!r})"
+
+
+def test_store_reopens_its_filesystem_in_a_forked_child(tmp_path):
+    import multiprocessing
+
+    store = Store(str(tmp_path / "run"))
+    store.write_bytes("a.bin", b"parent")
+    parent_fs = store._fs
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_reads, args=(store, queue))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0 and queue.get(timeout=5) == (b"parent", True)
+    assert store._fs is parent_fs  # the parent keeps its own
+
+
+def _child_reads(store: Store, queue) -> None:
+    before = store._opened
+    data = store.read_bytes("a.bin")
+    queue.put((data, store._opened is not before and store._opened[0] == os.getpid()))
+
+
+def test_store_equality_is_root_and_options(tmp_path):
+    a = Store(str(tmp_path / "run"))
+    assert a == Store(str(tmp_path / "run")) and a != Store(str(tmp_path / "other"))
+    assert Store("s3://b/run", {"key": "k"}) != Store("s3://b/run", {"key": "other"})
+    assert Store("s3://b/run", {"key": "k"}) == Store("s3://b/run/", {"key": "k"})
+    assert len({a, Store(str(tmp_path / "run"))}) == 1 and a != "run"
+
+
+def test_delete_tree_is_one_recursive_rm(store, monkeypatch):
+    for name in ("images/s0/a.bin", "images/s0/b.bin", "images/s1/c.bin", "labels/x.bin"):
+        store.write_bytes(name, b"x")
+    fs = store._fs
+    calls = []
+    real_rm = fs.rm
+    monkeypatch.setattr(fs, "rm", lambda path, recursive=False, **kw: calls.append((path, recursive)) or
+                        real_rm(path, recursive=recursive, **kw))
+    monkeypatch.setattr(store, "delete", lambda rel: pytest.fail(f"one delete per object: {rel}"))
+    assert store.delete_tree("images") == 3
+    assert calls == [(store._path("images"), True)]
+    assert store.list("images") == [] and store.list("labels") == ["x.bin"] and not store.exists("images/s0/a.bin")
+    assert store.delete_tree("images") == 0 and store.delete_tree("never-there") == 0 and len(calls) == 1
+    with pytest.raises(StorageError, match="delete_tree of the run root"):
+        store.delete_tree("/")
+    assert store.list("labels") == ["x.bin"]

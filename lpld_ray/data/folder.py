@@ -22,31 +22,24 @@ class FolderClassDataset(ClassDataset):
     """Image files of one split, read through a Store and decoded on access: RGB, shorter side resized, centre crop.
     A DataLoader batch (``__getitems__``) is read and decoded in ``decode_threads`` threads."""
 
-    def __init__(self, root: str, options: dict | None, files: list[str], targets: torch.Tensor, spec: ImageSpec,
-                 class_names: list[str], decode_threads: int = 0) -> None:
+    def __init__(self, store: Store, files: list[str], targets: torch.Tensor, spec: ImageSpec, class_names: list[str],
+                 decode_threads: int = 0) -> None:
         super().__init__(spec, targets, class_names)
-        self.root, self.files = root, files
-        self._options = dict(options or {})  # may hold credentials: never logged
+        self.store, self.files = store, files  # the Store pickles without its filesystem and reopens it per process
         self.decode_threads = decode_threads or torch.get_num_threads()
-        self._store: Store | None = None
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_store": None}  # each process opens its own
-
-    def _open(self) -> Store:
-        if self._store is None:
-            self._store = Store(self.root, self._options)
-        return self._store
+    @property
+    def root(self) -> str:
+        return self.store.root
 
     def image(self, i: int) -> torch.Tensor:
-        store = self._open()
-        return decode_image(store.read_bytes(self.files[i]), self.spec.size, store.uri(self.files[i]))
+        return decode_image(self.store.read_bytes(self.files[i]), self.spec.size, self.store.uri(self.files[i]))
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         """One batch, its files read and decoded in threads (object reads and Pillow's decoders release the GIL)."""
         with ThreadPoolExecutor(max(1, min(self.decode_threads, len(indices)))) as pool:
             images = list(pool.map(self.image, indices))
-        return [(x, int(self.targets[i])) for x, i in zip(images, indices)]
+        return [(x, int(self.targets[i])) for x, i in zip(images, indices, strict=True)]
 
     def images(self, idx: torch.Tensor) -> torch.Tensor:
         if idx.numel() == 0:
@@ -54,8 +47,8 @@ class FolderClassDataset(ClassDataset):
         return torch.stack([x for x, _ in self.__getitems__(idx.tolist())])
 
     def subset(self, idx: torch.Tensor) -> "FolderClassDataset":
-        return FolderClassDataset(self.root, self._options, [self.files[i] for i in idx.tolist()], self.targets[idx],
-                                  self.spec, self.class_names, self.decode_threads)
+        return FolderClassDataset(self.store, [self.files[i] for i in idx.tolist()], self.targets[idx], self.spec,
+                                  self.class_names, self.decode_threads)
 
 
 def decode_image(data: bytes, size: int, name: str) -> torch.Tensor:
@@ -136,7 +129,7 @@ def load_folder(cfg: DataConfig, split: str, options: dict | None = None) -> Fol
         raise DataError(f"image_folder '{cfg.root}' cannot be read: {err}") from None
     targets = torch.tensor(labels, dtype=torch.int64)
     idx, _ = select_indices(targets, cfg, split, len(all_classes))
-    return FolderClassDataset(cfg.root, options, [files[i] for i in idx.tolist()], targets[idx], image_spec(cfg), classes)
+    return FolderClassDataset(store, [files[i] for i in idx.tolist()], targets[idx], image_spec(cfg), classes)
 
 
 def check_folder(cfg: DataConfig, options: dict | None = None) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -185,10 +184,10 @@ class EpochRecords:
 
 class ImageSource:
     """Decoded images (uint8) by run-wide id, read and sha256-checked from the images stage on demand, kept in an
-    LRU cache of at most ``cache_bytes``; safe to use after fork (a child opens its own store)."""
+    LRU cache of at most ``cache_bytes``; safe to use after fork and to pickle (the Store reopens its filesystem)."""
 
     def __init__(self, store: Store, ipc: int, cache_bytes: int, threads: int = 8) -> None:
-        self._root, self._options, self._store, self._pid = store.root, store.storage_options, store, os.getpid()
+        self._store = store
         self.cache_bytes, self.threads = int(cache_bytes), int(threads)
         self._where: dict[int, tuple[str, str]] = {}
         self._manifests: dict[str, Manifest] = {}
@@ -205,8 +204,6 @@ class ImageSource:
         return int(image_id) in self._where
 
     def _read(self, image_id: int) -> Tensor:
-        if os.getpid() != self._pid:  # a DataLoader worker: fsspec clients do not survive fork
-            self._store, self._pid = Store(self._root, self._options), os.getpid()
         if image_id not in self._where:
             raise StorageError(f"image {image_id} is not in the images stage (a CutMix partner of the label pool?): "
                                "re-run the recover stage")
@@ -254,7 +251,7 @@ class ImageSource:
         room = max(0, (self.cache_bytes - self.cached_bytes) // max(1, self.image_bytes))
         missing = missing[:room]  # never read more than the cache keeps: the reads are held until they are stored
         with ThreadPoolExecutor(self.threads) as pool:
-            for image_id, image in zip(missing, pool.map(self._read, missing)):
+            for image_id, image in zip(missing, pool.map(self._read, missing), strict=True):
                 self._keep(image_id, image)
         return read + len(missing)
 

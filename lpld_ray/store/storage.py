@@ -6,6 +6,7 @@ import copy
 import hashlib
 import logging
 import os
+import pickle
 import uuid
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 SUPPORTED_SCHEMES: tuple[str, ...] = ("file", "memory", "s3", "gs", "gcs")
 _ALLOWED = "use a local path, file://, memory://, s3:// or gs://"
 _CHUNK = 8 << 20
+# Schemes whose fsspec filesystem keeps a listing cache (s3fs, gcsfs): switched off in _resolve.
+_LISTING_CACHED = frozenset({"s3", "gs", "gcs"})
 # Exception class names (anywhere in the MRO) that mean the store could not be reached at all.
 _UNREACHABLE = frozenset({
     "EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError", "HTTPClientError",
@@ -91,10 +94,14 @@ def _endpoint(uri: str, options: dict | None) -> str:
 
 
 def _resolve(uri: str, options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a checked URI."""
+    """(filesystem, path inside it) for a checked URI. Object stores get fsspec's listing cache switched off
+    (``use_listings_cache=False``): other processes write the same store, so every ls/find/exists/info asks it."""
     if _scheme(uri) in (None, "file"):
         return LocalFileSystem(), _local_path(uri)
-    return url_to_fs(uri, **(options or {}))
+    options = copy.deepcopy(options or {})  # botocore edits nested dicts
+    if _scheme(uri) in _LISTING_CACHED:
+        options["use_listings_cache"] = False
+    return url_to_fs(uri, **options)
 
 
 @contextmanager
@@ -130,7 +137,7 @@ def _write_temp(path: str, data: bytes) -> str:
 def read_uri_bytes(uri: str, options: dict | None = None) -> bytes:
     """Read one user-given file (e.g. teacher weights) from a path or URI."""
     check_uri(uri, what="file")
-    fs, path = _resolve(uri, copy.deepcopy(options))
+    fs, path = _resolve(uri, options)
     try:
         with storage_errors(uri, "reading", options):
             return fs.cat_file(path)
@@ -147,35 +154,68 @@ def shard_name(index: int | str) -> str:
     return f"shard-{index:05d}"
 
 
+def _mask(data: bytes, pad: bytes) -> bytes:
+    return (int.from_bytes(data, "big") ^ int.from_bytes(pad, "big")).to_bytes(len(data), "big")
+
+
+def _seal_options(options: dict) -> tuple[bytes, bytes]:
+    """(pad, masked) of pickled ``options``: a pickled Store never holds a credential verbatim (Ray spill files,
+    dumps, logs of bytes). Masking, not encryption: whoever holds the pickle can undo it."""
+    plain = pickle.dumps(options)
+    pad = os.urandom(len(plain))
+    return pad, _mask(plain, pad)
+
+
+def _unseal_options(sealed: tuple[bytes, bytes]) -> dict:
+    pad, masked = sealed
+    return pickle.loads(_mask(masked, pad))
+
+
 class Store:
-    """A run root: relative object names under one URI."""
+    """A run root: relative object names under one URI. Picklable and fork-safe: the fsspec filesystem is not
+    pickled but opened again, lazily, once in each process that uses the Store."""
 
     def __init__(self, root: str, options: dict | None = None) -> None:
         check_uri(root)
         self.root: str = join_uri(root)
-        self.storage_options: dict = dict(options or {})
+        self.storage_options: dict = dict(options or {})  # may hold credentials: never in a repr or a message
         self._local = _scheme(self.root) in (None, "file")
-        self._fs, self._base = _resolve(self.root, copy.deepcopy(self.storage_options))  # botocore edits nested dicts
+        fs, self._base = _resolve(self.root, self.storage_options)  # bad options fail here, not in a later process
+        self._opened: tuple[int, fsspec.AbstractFileSystem] | None = (os.getpid(), fs)
+
+    @property
+    def _fs(self) -> fsspec.AbstractFileSystem:
+        """This process's filesystem: opened again after unpickling or in a forked child (fsspec clients and their
+        event loops do not survive a fork)."""
+        opened = self._opened
+        if opened is None or opened[0] != os.getpid():
+            opened = (os.getpid(), _resolve(self.root, self.storage_options)[0])
+            self._opened = opened  # one attribute: threads racing here each get a working filesystem
+        return opened[1]
+
+    def __getstate__(self) -> dict:
+        state = {**self.__dict__, "_opened": None}
+        state["storage_options"] = _seal_options(self.storage_options)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, storage_options=_unseal_options(state["storage_options"]))
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"  # never the options: they may hold credentials
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Store):
+            return NotImplemented
+        return self.root == other.root and self.storage_options == other.storage_options
+
+    def __hash__(self) -> int:
+        return hash(self.root)
 
     def _path(self, rel: str) -> str:
         if ".." in rel.split("/"):
             raise StorageError(f"object name '{rel}' contains '..': names must stay inside the run root")
         return join_uri(self._base, rel)
-
-    def _fresh(self, rel: str, tree: bool = False) -> str:
-        """Path of ``rel`` with the listing caches of it and its parents (and with ``tree``, of everything under it)
-        dropped: other processes write the same store, and s3fs answers from a stale listing otherwise."""
-        path = self._path(rel)
-        if not self._local:
-            self._fs.invalidate_cache(path)
-            if tree:
-                under = path.rstrip("/") + "/"
-                for cached in [k for k in self._fs.dircache if k.startswith(under)]:
-                    self._fs.dircache.pop(cached, None)
-        return path
 
     def _mkparent(self, path: str) -> None:
         if self._local:
@@ -194,7 +234,6 @@ class Store:
         bucket = self._base.split("/", 1)[0]
         try:
             with self._errors("listing the bucket of", ""):
-                self._fs.invalidate_cache(bucket)
                 self._fs.ls(bucket, detail=False)  # unlike exists(), this raises PermissionError for refused credentials
         except FileNotFoundError:
             raise StorageError(f"bucket '{bucket}' of run directory '{self.root}' does not exist: create it, or fix --run-dir") from None
@@ -212,13 +251,13 @@ class Store:
 
     def read_bytes(self, rel: str) -> bytes:
         with self._errors("reading", rel):
-            return self._fs.cat_file(self._fresh(rel))
+            return self._fs.cat_file(self._path(rel))
 
     @contextmanager
     def open(self, rel: str) -> Iterator[BinaryIO]:
         """A seekable binary reader of one object, for range reads (Parquet row groups)."""
         with self._errors("reading", rel):
-            with self._fs.open(self._fresh(rel), "rb") as handle:
+            with self._fs.open(self._path(rel), "rb") as handle:
                 yield handle
 
     def write_text(self, rel: str, text: str) -> None:
@@ -229,16 +268,16 @@ class Store:
 
     def exists(self, rel: str) -> bool:
         with self._errors("checking", rel):
-            return self._fs.exists(self._fresh(rel))
+            return self._fs.exists(self._path(rel))
 
     def size(self, rel: str) -> int:
         with self._errors("checking", rel):
-            return int(self._fs.size(self._fresh(rel)))
+            return int(self._fs.size(self._path(rel)))
 
     def sha256(self, rel: str) -> str:
         """Hex sha256 of one object, streamed."""
         digest = hashlib.sha256()
-        with self._errors("reading", rel), self._fs.open(self._fresh(rel), "rb") as f:
+        with self._errors("reading", rel), self._fs.open(self._path(rel), "rb") as f:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
         return digest.hexdigest()
@@ -251,14 +290,21 @@ class Store:
             pass
 
     def delete_tree(self, rel_prefix: str) -> int:
-        """Delete every object under ``rel_prefix/``; returns how many."""
+        """Delete every object under ``rel_prefix/`` with one recursive rm (batched deletes on S3); returns how
+        many there were, 0 when there is nothing there."""
+        if not rel_prefix.strip("/"):
+            raise StorageError(f"delete_tree of the run root '{self.root}' itself: name a folder under it")
         names = self.list(rel_prefix)
-        for name in names:
-            self.delete(f"{rel_prefix}/{name}")
+        if names:
+            try:
+                with self._errors("deleting", rel_prefix):
+                    self._fs.rm(self._path(rel_prefix), recursive=True)
+            except FileNotFoundError:  # removed meanwhile by another process
+                pass
         return len(names)
 
     def list(self, rel_prefix: str) -> list[str]:
-        prefix = self._fresh(rel_prefix, tree=True).rstrip("/") + "/"
+        prefix = self._path(rel_prefix).rstrip("/") + "/"
         with self._errors("listing", rel_prefix):
             found = self._fs.find(prefix.rstrip("/") or "/")
         return sorted(p[len(prefix):] for p in found if p.startswith(prefix) and not p.endswith("/"))
@@ -266,7 +312,7 @@ class Store:
     def folders(self, rel_prefix: str) -> list[str]:
         """Names of the folders directly under ``rel_prefix`` (common prefixes on object stores);
         FileNotFoundError when there is nothing there."""
-        path = self._fresh(rel_prefix, tree=True).rstrip("/")
+        path = self._path(rel_prefix).rstrip("/")
         with self._errors("listing", rel_prefix):
             entries = self._fs.ls(path, detail=True)
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
