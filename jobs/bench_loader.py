@@ -19,7 +19,7 @@ from lpld_ray.machine import describe_machine
 from lpld_ray.method.kd import SoftTargetKLLoss  # noqa
 from lpld_ray.method.models import build_model
 from lpld_ray.method.views import sample_view, view_counts  # noqa
-from lpld_ray.pipeline.labels import LABELS_OBJECT  # noqa
+from lpld_ray.store.layout import LABELS_OBJECT  # noqa
 from lpld_ray.pipeline.student import image_sampler  # noqa
 from lpld_ray.store.codecs import encode_png  # noqa
 from lpld_ray.store.label_table import epoch_order, records_to_table, table_to_parquet  # noqa

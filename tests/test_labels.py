@@ -18,12 +18,7 @@ from lpld_ray.method.views import (
     stream_generator,
     view_counts,
 )
-from lpld_ray.pipeline.labels import (
-    LABELS_OBJECT,
-    current_labels,
-    read_label_shard,
-    relabel_shard,
-)
+from lpld_ray.pipeline.labels import current_labels, read_label_shard, relabel_shard
 from lpld_ray.store.label_table import (
     LABEL_SCHEMA_VERSION,
     VERSION_KEY,
@@ -31,7 +26,7 @@ from lpld_ray.store.label_table import (
     read_label_table,
     table_to_parquet,
 )
-from lpld_ray.store.layout import LABELS_STAGE
+from lpld_ray.store.layout import LABELS_OBJECT, LABELS_STAGE
 from lpld_ray.store.manifest import MANIFEST_NAME, read_manifest, verify_shard
 from lpld_ray.store.storage import Store
 

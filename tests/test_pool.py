@@ -24,10 +24,14 @@ from lpld_ray.data.pool import ImageSource, LabelPool, LabelShards, ShardSampler
 from lpld_ray.errors import StorageError
 from lpld_ray.method.views import compose_view, image_id_of, sample_view
 from lpld_ray.pipeline.estimate import label_record_bytes
-from lpld_ray.pipeline.labels import LABELS_OBJECT
 from lpld_ray.store.codecs import encode_png
 from lpld_ray.store.label_table import VERSION_KEY, table_to_parquet
-from lpld_ray.store.layout import IMAGES_STAGE, LABELS_STAGE, image_object_name
+from lpld_ray.store.layout import (
+    IMAGES_STAGE,
+    LABELS_OBJECT,
+    LABELS_STAGE,
+    image_object_name,
+)
 from lpld_ray.store.manifest import ShardWriter
 
 LABEL_REL = f"{LABELS_STAGE}/shard-00001/{LABELS_OBJECT}"

@@ -26,10 +26,14 @@ from lpld_ray.method.views import (
     compose_view,
     stream_generator,
 )
-from lpld_ray.pipeline.labels import LABELS_OBJECT
 from lpld_ray.store.codecs import decode_png_uint8
 from lpld_ray.store.label_table import NUM_CLASSES_KEY, check_label_schema
-from lpld_ray.store.layout import IMAGES_STAGE, LABELS_STAGE, image_id_from_name
+from lpld_ray.store.layout import (
+    IMAGES_STAGE,
+    LABELS_OBJECT,
+    LABELS_STAGE,
+    image_id_from_name,
+)
 from lpld_ray.store.manifest import Manifest, list_shards, read_manifest, read_object
 from lpld_ray.store.storage import Store
 

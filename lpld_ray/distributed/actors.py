@@ -10,7 +10,7 @@ import ray
 import torch
 
 from lpld_ray.config import Config, DataConfig, RecoverConfig, RelabelConfig
-from lpld_ray.data.datasets import ClassDataset, load_dataset
+from lpld_ray.data.datasets import ClassDataset, image_spec, load_dataset
 from lpld_ray.distributed.cluster import actor_options
 from lpld_ray.method.models import build_teacher
 from lpld_ray.pipeline.shards import ClassShard
@@ -25,13 +25,11 @@ log = logging.getLogger(__name__)
 class ShardWorker:
     """Loads the teacher once, then does the class shards the driver hands it."""
 
-    def __init__(self, store_root: str, storage_options: dict | None, data: DataConfig, data_options: dict,
-                 num_classes: int, arch: str, state: bytes, threads: int) -> None:
-        from lpld_ray.data.datasets import image_spec
-
+    def __init__(self, store: Store, data: DataConfig, data_options: dict, num_classes: int, arch: str, state: bytes,
+                 threads: int) -> None:
         torch.set_num_threads(threads)
         self.spec, self.data, self.data_options = image_spec(data), data, data_options
-        self.store = Store(store_root, storage_options)
+        self.store = store
         self.teacher = build_teacher(arch, state, num_classes, self.spec.channels, self.spec.size)
         self.device = next(self.teacher.parameters()).device
         self.real_train = None
@@ -75,7 +73,7 @@ def evaluate_teacher_task(data: DataConfig, data_options: dict, arch: str, state
 def shard_worker(cfg: Config, store: Store, state_ref: ray.ObjectRef, num_classes: int) -> Any:
     """A new shard actor: one GPU (or runner.cpus_per_worker CPUs), the teacher from the object store."""
     return ShardWorker.options(**actor_options(cfg.runner)).remote(
-        store.root, store.storage_options, cfg.data, data_options(cfg), num_classes, cfg.teacher.arch, state_ref,
+        store, cfg.data, data_options(cfg), num_classes, cfg.teacher.arch, state_ref,
         cfg.runner.cpus_per_worker)
 
 

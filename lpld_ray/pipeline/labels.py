@@ -21,7 +21,7 @@ from lpld_ray.store.label_table import (
     records_to_table,
     table_to_parquet,
 )
-from lpld_ray.store.layout import LABELS_STAGE
+from lpld_ray.store.layout import LABELS_OBJECT, LABELS_STAGE
 from lpld_ray.store.manifest import (
     Manifest,
     ShardWriter,
@@ -33,7 +33,6 @@ from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
 
-LABELS_OBJECT = "labels.parquet"
 
 
 

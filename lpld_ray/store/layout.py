@@ -19,6 +19,7 @@ FOLDERS = {
     "report": REPORT_STAGE,
 }
 RUN_RECORD = "run.yaml"
+LABELS_OBJECT = "labels.parquet"  # the one object of a labels shard
 
 
 def image_object_name(class_id: int, index: int) -> str:
