@@ -9,17 +9,24 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from lpld_ray.config import Config, load_config
+from lpld_ray.data.datasets import check_dataset, load_dataset
+from lpld_ray.distributed.cluster import planned_actors
+from lpld_ray.distributed.driver import run_pipeline
 from lpld_ray.errors import LpldError
-from lpld_ray.pipeline.stages import STAGE_NAMES as STAGES
-from lpld_ray.pipeline.stages import STAGES as STAGE_TABLE
-
-if TYPE_CHECKING:
-    from lpld_ray.store.storage import Store
+from lpld_ray.method.models import build_model, load_weights
+from lpld_ray.pipeline.estimate import dataset_shape, plan_lines
+from lpld_ray.pipeline.plan import check_stage_inputs
+from lpld_ray.pipeline.shards import plan_class_shards
+from lpld_ray.pipeline.stages import STAGE_NAMES, STAGES
+from lpld_ray.store.lease import RunLease
+from lpld_ray.store.run_record import check_run_record, write_run_record
+from lpld_ray.store.storage import Store, read_uri_bytes, storage_options
 
 log = logging.getLogger("lpld_ray")
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="LPLD dataset distillation on Ray.")
@@ -27,7 +34,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", default="runs/default", help="run root: a path, file://, s3://, gs:// or memory:// URI")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. recover.iterations=4000 (repeatable)")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--stages", default=",".join(STAGE_NAMES), help=f"comma-separated subset of {','.join(STAGE_NAMES)}")
     parser.add_argument("--force-new", action="store_true",
                         help="delete this run directory's run.yaml and stage outputs and start over")
     parser.add_argument("--plan", action="store_true", help="print work units, storage and memory estimates; run nothing")
@@ -38,19 +45,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def parse_stages(text: str) -> list[str]:
     stages = [s.strip() for s in text.split(",") if s.strip()]
     for stage in stages:
-        if stage not in STAGES:
-            raise LpldError(f"unknown stage '{stage}' in --stages (allowed: {', '.join(STAGES)})")
+        if stage not in STAGE_NAMES:
+            raise LpldError(f"unknown stage '{stage}' in --stages (allowed: {', '.join(STAGE_NAMES)})")
     if not stages:
-        raise LpldError(f"--stages is empty (allowed: a comma-separated subset of {', '.join(STAGES)})")
+        raise LpldError(f"--stages is empty (allowed: a comma-separated subset of {', '.join(STAGE_NAMES)})")
     return stages
 
 
-def preflight(cfg: Config, run_dir: str) -> tuple["Store", int]:
+def preflight(cfg: Config, run_dir: str) -> tuple[Store, int]:
     """Every check that can fail on user input, done before anything is written."""
-    from lpld_ray.data.datasets import check_dataset, load_dataset
-    from lpld_ray.method.models import build_model, load_weights
-    from lpld_ray.store.storage import Store, read_uri_bytes, storage_options
-
     root = run_dir if "://" in run_dir else os.path.abspath(run_dir)
     store = Store(root, storage_options(cfg.storage, root))
     store.check_reachable()
@@ -64,9 +67,9 @@ def preflight(cfg: Config, run_dir: str) -> tuple["Store", int]:
     return store, probe.num_classes
 
 
-def start_over(store: "Store") -> None:
+def start_over(store: Store) -> None:
     """--force-new: remove the run record and every stage's folder, nothing else under the run root (the lease stays)."""
-    removed = sum(store.delete_tree(stage.folder) for stage in STAGE_TABLE) + store.exists("run.yaml")
+    removed = sum(store.delete_tree(stage.folder) for stage in STAGES) + store.exists("run.yaml")
     store.delete("run.yaml")
     log.warning("--force-new: deleted %d objects of the earlier run at %s", removed, store.root)
 
@@ -81,9 +84,6 @@ def interrupt_on(signum: int):
 
 def show_plan(cfg: Config) -> None:
     """--plan: estimates only; reads no data beyond folder listings and writes nothing."""
-    from lpld_ray.distributed.cluster import planned_actors
-    from lpld_ray.pipeline.estimate import dataset_shape, plan_lines
-
     for line in plan_lines(cfg, dataset_shape(cfg.data), planned_actors(cfg.runner)):
         log.info("plan: %s", line)
 
@@ -98,17 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s", err)
             return 2
         return 0
-    from lpld_ray.store.lease import RunLease
 
     lease, previous_handler = None, None
     try:
         cfg = load_config(args.config, args.overrides)
         stages = parse_stages(args.stages)
         store, num_classes = preflight(cfg, args.run_dir)
-        from lpld_ray.pipeline.plan import check_stage_inputs
-        from lpld_ray.pipeline.shards import plan_class_shards
-        from lpld_ray.store.run_record import check_run_record, write_run_record
-
         resuming = False if args.force_new else check_run_record(store, cfg)
         check_stage_inputs(cfg, store, stages, plan_class_shards(num_classes, cfg.runner.class_shard_size), args.force_new)
         lease = RunLease(store, cfg.storage)
@@ -120,8 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             start_over(store)
         if not resuming:
             write_run_record(store, cfg)
-        from lpld_ray.distributed.driver import run_pipeline
-
         summary = run_pipeline(cfg, store, stages, num_classes)
     except LpldError as err:
         log.error("%s", err)

@@ -11,6 +11,10 @@ from torch import nn
 
 from lpld_ray.config import Config, DataConfig
 from lpld_ray.errors import DataError
+from lpld_ray.method.models import bn_layers, build_model
+from lpld_ray.method.views import kept_views
+from lpld_ray.pipeline.shards import plan_class_shards
+from lpld_ray.store.label_table import aug_bytes_per_row, label_schema
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,6 @@ class DatasetShape:
 @dataclass(frozen=True)
 class PeakMemory:
     """fp32 bytes one worker holds at its peak: weights (+ grads and Adam state where trained) and activations."""
-
     recover: int
     relabel: int
     train: int
@@ -65,15 +68,11 @@ def human(size: float) -> str:
 
 def label_record_bytes(num_classes: int) -> int:
     """One stored view: fp16 logits plus the augmentation parameters of the Parquet schema."""
-    from lpld_ray.store.label_table import aug_bytes_per_row, label_schema
-
     return num_classes * LOGIT_BYTES + aug_bytes_per_row(label_schema(num_classes))
 
 
 def label_records(num_images: int, epochs: int, compression: float) -> int:
     """Views kept at compression k, as lpld_ray.pipeline.labels.view_counts keeps them: round(N*E/k), at least one per image."""
-    from lpld_ray.method.views import kept_views
-
     return max(num_images, kept_views(num_images, epochs, compression))
 
 
@@ -89,7 +88,6 @@ def image_bytes(num_images: int, channels: int, size: int) -> int:
 @dataclass(frozen=True)
 class LoaderMemory:
     """The label-pool loader's bound per training worker (lpld_ray.data.pool): nothing in it grows with E/k but the index."""
-
     index: int  # per image: id, shard, first row, view count, epoch slot (36 B); per stored view: its row (4 B)
     epoch_records: int  # this rank's N/W records of one epoch
     image_cache: int  # train.image_cache_mb
@@ -134,8 +132,6 @@ def activation_bytes(model: nn.Module, batch: int, channels: int, size: int) -> 
 
 def peak_memory(cfg: Config, shape: DatasetShape) -> PeakMemory:
     """Per-worker estimate (no allocator overhead): activations kept for backward count twice (value and grad)."""
-    from lpld_ray.method.models import build_model
-
     with torch.device("meta"):
         teacher = build_model(cfg.teacher.arch, shape.num_classes, shape.channels, shape.size).eval()
         student = build_model(cfg.train.arch, shape.num_classes, shape.channels, shape.size)
@@ -153,8 +149,6 @@ def peak_memory(cfg: Config, shape: DatasetShape) -> PeakMemory:
 def squeeze_sum_bytes(cfg: Config, shape: DatasetShape) -> int:
     """One data partition's float64 sums (lpld_ray.method.squeeze.BNSums): per class and BN layer a count, and per channel
     a sum and a sum of squares. The driver holds two at a time while it adds them up."""
-    from lpld_ray.method.models import bn_layers, build_model
-
     with torch.device("meta"):
         layers = bn_layers(build_model(cfg.teacher.arch, shape.num_classes, shape.channels, shape.size))
     return 8 * shape.num_classes * (len(layers) + 2 * sum(layer.num_features for layer in layers))
@@ -162,8 +156,6 @@ def squeeze_sum_bytes(cfg: Config, shape: DatasetShape) -> int:
 
 def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
     """The human plan: work units per stage, storage per compression, memory per worker, actors."""
-    from lpld_ray.pipeline.shards import plan_class_shards
-
     shards = len(plan_class_shards(shape.num_classes, cfg.runner.class_shard_size))
     images = shape.num_classes * cfg.recover.ipc
     memory, loader = peak_memory(cfg, shape), loader_memory(cfg, shape)

@@ -6,6 +6,8 @@ from lpld_ray.config import Config, RunnerConfig
 from lpld_ray.errors import LpldError
 from lpld_ray.pipeline.shards import ClassShard
 from lpld_ray.pipeline.stages import BY_NAME, STAGE_NAMES, output_shards
+from lpld_ray.store.label_table import LABEL_SCHEMA_VERSION
+from lpld_ray.store.layout import LABELS_STAGE
 from lpld_ray.store.manifest import read_manifest, shard_problem
 from lpld_ray.store.storage import Store
 
@@ -50,9 +52,6 @@ def check_stage_inputs(cfg: Config, store: Store, asked: list[str], shards: list
 
 def require_label_schema(store: Store, names: list[str]) -> None:
     """Fail with one line naming the shard when a labels shard has a schema version this lpld_ray cannot read."""
-    from lpld_ray.store.label_table import LABEL_SCHEMA_VERSION
-    from lpld_ray.store.layout import LABELS_STAGE
-
     for name in names:
         manifest = read_manifest(store, LABELS_STAGE, name)
         found = manifest.meta.get("schema_version") if manifest else LABEL_SCHEMA_VERSION

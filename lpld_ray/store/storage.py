@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
     from lpld_ray.config import StorageConfig
+import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,6 @@ def _unseal_options(sealed: tuple[bytes, bytes]) -> dict:
 class Store:
     """A run root: relative object names under one URI. Picklable and fork-safe: the fsspec filesystem is not
     pickled but opened again, lazily, once in each process that uses the Store."""
-
     def __init__(self, root: str, options: dict | None = None) -> None:
         check_uri(root)
         self.root: str = join_uri(root)
@@ -345,7 +345,6 @@ class Store:
 
     def pyarrow_fs(self) -> tuple["pyarrow.fs.FileSystem", str]:
         """(filesystem, root path inside it), e.g. for Ray Train's storage_filesystem/storage_path."""
-        import pyarrow.fs as pafs
 
         if self._local:
             return pafs.LocalFileSystem(), self._base
