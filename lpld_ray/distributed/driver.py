@@ -34,7 +34,6 @@ from lpld_ray.pipeline.teacher import (
     commit_given_teacher,
     recorded_teacher_top1,
     teacher_state_bytes,
-    teacher_train_loop,
 )
 from lpld_ray.pipeline.units import (
     GLOBAL_SHARD,
@@ -76,8 +75,8 @@ def run_teacher(cfg: Config, store: Store, state_ref: ray.ObjectRef | None, teac
         log.info("teacher: given weights %s, test top-1 %.4f", cfg.teacher.weights, top1)
         return {"test_top1": top1, "given": True}
     job = TeacherJob(cfg.data, cfg.teacher, store.root, store.storage_options, cfg.seed, data_options(cfg))
-    spec = TrainerSpec(cfg.teacher.num_workers, cfg.teacher.cpus_per_worker)
-    manifest = train_once(store, TEACHER_STAGE, TEACHER_SHARD, teacher_train_loop, job, spec)
+    spec = TrainerSpec.of(cfg.teacher, run_key=job.run_key)  # same data, seed and schedule: resume its checkpoints
+    manifest = train_once(store, TEACHER_STAGE, TEACHER_SHARD, job, spec)
     log.info("teacher: test top-1 %.4f", manifest.meta["test_top1"])
     return {"test_top1": manifest.meta["test_top1"]}
 
@@ -155,7 +154,6 @@ def run_train(cfg: Config, store: Store, shards: list[ClassShard]) -> dict:
         STUDENT_SHARD,
         STUDENT_STAGE,
         StudentJob,
-        student_train_loop,
     )
 
     names = [s.name for s in shards]
@@ -164,8 +162,8 @@ def run_train(cfg: Config, store: Store, shards: list[ClassShard]) -> dict:
     inputs = inputs_digest(store, (LABELS_STAGE, IMAGES_STAGE), names)  # what the student learns from
     job = StudentJob(cfg.data, cfg.train, store.root, store.storage_options, cfg.seed, cfg.recover.ipc, inputs,
                      data_options(cfg))
-    spec = TrainerSpec(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.max_failures, inputs)
-    manifest = train_once(store, STUDENT_STAGE, STUDENT_SHARD, student_train_loop, job, spec)
+    spec = TrainerSpec.of(cfg.train, inputs)
+    manifest = train_once(store, STUDENT_STAGE, STUDENT_SHARD, job, spec)
     log.info("train: student test top-1 %.4f (resumed from epoch %d)", manifest.meta["student_top1"], manifest.meta["resumed_from"])
     return {"student_top1": manifest.meta["student_top1"], "resumed_from": manifest.meta["resumed_from"]}
 
