@@ -1,4 +1,4 @@
-"""Student pieces without Ray: the KD loss, the schedule, and one epoch on a label pool."""
+"""Student pieces without Ray: the KD loss, the schedule, the job the shared loop trains, and its commit."""
 
 
 import pytest
@@ -8,6 +8,7 @@ from lpld_ray.config import TrainConfig, load_config
 from lpld_ray.errors import ConfigError
 from lpld_ray.method.kd import SoftTargetKLLoss
 from lpld_ray.method.training import make_optimizer, make_scheduler
+from lpld_ray.store.storage import Store
 
 
 def test_kd_loss_is_zero_only_when_matching():
@@ -44,7 +45,7 @@ def test_warmup_then_cosine_to_zero():
     assert lrs[0] == pytest.approx(0.1)  # first of 10 warm-up steps
     assert lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0)
-    assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
 
 
 def test_sgd_option():
@@ -60,3 +61,30 @@ def test_sgd_option():
 def test_bad_train_and_relabel_values(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_student_job_schedule_optimizer_and_commit(tmp_path):
+    """The student's part of the shared loop: its schedule, its optimizer and the manifest the report reads."""
+    from lpld_ray.config import DataConfig
+    from lpld_ray.pipeline.student import STUDENT_SHARD, STUDENT_STAGE, StudentJob
+    from lpld_ray.store.manifest import current_shard
+
+    cfg = TrainConfig(epochs=10, eval_every=4, checkpoint_every=3, warmup_epochs=1, cpus_per_worker=3)
+    job = StudentJob(DataConfig(), cfg, Store(str(tmp_path)), seed=5, ipc=2, inputs="abc")
+    assert (job.schedule.epochs, job.schedule.eval_every, job.schedule.checkpoint_every, job.threads) == (10, 4, 3, 3)
+    model = torch.nn.Linear(2, 2)
+    opt, sched = job.optimizer(model, steps_per_epoch=5)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == pytest.approx(cfg.lr / 5)  # warm-up
+    job.commit(model, test_top1=0.5, resumed_from=4, seconds=1.0)
+    manifest = current_shard(Store(str(tmp_path)), STUDENT_STAGE, STUDENT_SHARD, "abc")
+    assert manifest is not None
+    assert (manifest.meta["student_top1"], manifest.meta["resumed_from"], manifest.meta["epochs"]) == (0.5, 4, 10)
+
+
+def test_pipeline_training_modules_do_not_import_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, lpld_ray.pipeline.teacher, lpld_ray.pipeline.student, lpld_ray.method.training; "
+            "sys.exit(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -41,7 +41,7 @@ from lpld_ray.pipeline.stages import (
     relabel_inputs,
     train_inputs,
 )
-from lpld_ray.pipeline.student import STUDENT_SHARD, StudentJob, student_train_loop
+from lpld_ray.pipeline.student import STUDENT_SHARD, StudentJob
 from lpld_ray.pipeline.teacher import (
     GIVEN_SHARD,
     TEACHER_SHARD,
@@ -49,7 +49,6 @@ from lpld_ray.pipeline.teacher import (
     commit_given_teacher,
     recorded_teacher_top1,
     teacher_state_bytes,
-    teacher_train_loop,
 )
 from lpld_ray.pipeline.units import (
     data_partition,
@@ -82,9 +81,9 @@ def run_teacher(cfg: Config, store: Store, state_ref: ray.ObjectRef | None, teac
             top1 = given.meta["test_top1"]
         log.info("teacher: given weights %s, test top-1 %.4f", cfg.teacher.weights, top1)
         return {"test_top1": top1, "given": True}
-    job = TeacherJob(cfg.data, cfg.teacher, store.root, store.storage_options, cfg.seed, data_options(cfg))
-    spec = TrainerSpec(cfg.teacher.num_workers, cfg.teacher.cpus_per_worker)
-    manifest = train_once(store, TEACHER_STAGE, TEACHER_SHARD, teacher_train_loop, job, spec)
+    job = TeacherJob(cfg.data, cfg.teacher, store, cfg.seed, data_options(cfg))
+    spec = TrainerSpec.of(cfg.teacher, run_key=job.run_key)  # same data, seed and schedule: resume its checkpoints
+    manifest = train_once(store, TEACHER_STAGE, TEACHER_SHARD, job, spec)
     log.info("teacher: test top-1 %.4f", manifest.meta["test_top1"])
     return {"test_top1": manifest.meta["test_top1"]}
 
@@ -156,10 +155,10 @@ def run_train(cfg: Config, store: Store, shards: list[ClassShard]) -> dict:
     require_verified(store, LABELS_STAGE, names, "train", "relabel")  # never train on a truncated or altered object
     require_verified(store, IMAGES_STAGE, names, "train", "recover")
     inputs = train_inputs(store, shards)
-    job = StudentJob(cfg.data, cfg.train, store.root, store.storage_options, cfg.seed, cfg.recover.ipc, inputs,
+    job = StudentJob(cfg.data, cfg.train, store, cfg.seed, cfg.recover.ipc, inputs,
                      data_options(cfg))
-    spec = TrainerSpec(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.max_failures, inputs)
-    manifest = train_once(store, STUDENT_STAGE, STUDENT_SHARD, student_train_loop, job, spec)
+    spec = TrainerSpec.of(cfg.train, inputs)
+    manifest = train_once(store, STUDENT_STAGE, STUDENT_SHARD, job, spec)
     log.info("train: student test top-1 %.4f (resumed from epoch %d)", manifest.meta["student_top1"], manifest.meta["resumed_from"])
     return {"student_top1": manifest.meta["student_top1"], "resumed_from": manifest.meta["resumed_from"]}
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from lpld_ray.distributed.cluster import cluster_has_gpus
+from lpld_ray.distributed.train_loop import TrainTask, train_task_loop
 from lpld_ray.store.manifest import current_shard
 from lpld_ray.store.storage import Store
 
@@ -15,44 +16,56 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainerSpec:
-    """One Ray Train run of a stage: workers, CPUs each, failures to recover from, and what it is trained on."""
+    """One Ray Train run of a stage: workers, CPUs each, failures to recover from, checkpoints kept, and what it is
+    trained on (``inputs``: checked against the committed model's manifest; ``run_key``: names the run)."""
 
     num_workers: int
     cpus_per_worker: int
     max_failures: int = 0
     inputs: str = ""
+    checkpoints_to_keep: int | None = None  # None: Ray keeps every checkpoint
+    run_key: str = ""  # defaults to inputs
+
+    @classmethod
+    def of(cls, section: Any, inputs: str = "", run_key: str = "") -> "TrainerSpec":
+        """From a teacher/train config section (num_workers, cpus_per_worker, max_failures, checkpoints_to_keep)."""
+        return cls(section.num_workers, section.cpus_per_worker, section.max_failures, inputs,
+                   section.checkpoints_to_keep, run_key)
 
     @property
     def run_name(self) -> str:
         """Same name = resume from its checkpoints; other inputs get another name, hence a fresh start."""
-        return f"ray_train-{self.inputs[:16]}" if self.inputs else "ray_train"
+        key = self.run_key or self.inputs
+        return f"ray_train-{key[:16]}" if key else "ray_train"
 
 
-def fit_with_ray_train(store: Store, stage: str, loop: Callable[[Any], None], job: Any, spec: TrainerSpec) -> None:
-    """One TorchTrainer run whose checkpoints live under ``<run>/<stage>/<run_name>``; a failed worker group is
-    restarted from the last checkpoint up to ``max_failures`` times."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+def fit_with_ray_train(store: Store, stage: str, task: TrainTask, spec: TrainerSpec) -> None:
+    """One TorchTrainer run of the shared loop whose checkpoints live under ``<run>/<stage>/<run_name>`` (the newest
+    ``checkpoints_to_keep`` of them); a failed worker group restarts from the last one up to ``max_failures`` times,
+    and a re-run with the same run name resumes from it."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     filesystem, path = store.pyarrow_fs()
     trainer = TorchTrainer(
-        lambda config: loop(config["job"]),
-        train_loop_config={"job": job},
+        train_task_loop,
+        train_loop_config={"task": task},
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=cluster_has_gpus(),
                                      resources_per_worker={"CPU": spec.cpus_per_worker}),
         run_config=RunConfig(name=spec.run_name, storage_path=f"{path}/{stage}", storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=spec.max_failures)),
+                             failure_config=FailureConfig(max_failures=spec.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoints_to_keep)),
     )
     trainer.fit()
 
 
-def train_once(store: Store, stage: str, shard: str, loop: Callable[[Any], None], job: Any, spec: TrainerSpec):
+def train_once(store: Store, stage: str, shard: str, task: TrainTask, spec: TrainerSpec):
     """The stage's verified model manifest, training it with Ray Train first when there is none for these inputs."""
     manifest = current_shard(store, stage, shard, spec.inputs)
     if manifest is not None:
         log.info("%s: verified model already in the run; skipping", stage)
         return manifest
-    fit_with_ray_train(store, stage, loop, job, spec)
+    fit_with_ray_train(store, stage, task, spec)
     manifest = current_shard(store, stage, shard, spec.inputs)
     if manifest is None:
         raise RuntimeError(f"{stage}: training finished but committed no verified model")

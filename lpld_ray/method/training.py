@@ -1,16 +1,57 @@
-"""Plain torch training pieces shared by the teacher and the student: one epoch, evaluation, flips."""
+"""Plain torch training pieces shared by the teacher and the student: the epoch schedule, one epoch, evaluation."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from lpld_ray.config import TrainConfig
 from lpld_ray.method.images import ImageSpec, normalize
+
+
+@dataclass(frozen=True)
+class EpochSchedule:
+    """Which finished epochs (1-based) evaluate, checkpoint and report: every ``*_every`` epochs and the last, once."""
+
+    epochs: int
+    eval_every: int
+    checkpoint_every: int
+
+    def evaluates(self, done: int) -> bool:
+        """Test top-1 after epoch ``done``."""
+        return done % self.eval_every == 0 or done == self.epochs
+
+    def checkpoints(self, done: int) -> bool:
+        """A checkpoint (rank 0) after epoch ``done``."""
+        return done % self.checkpoint_every == 0 or done == self.epochs
+
+    def reports(self, done: int) -> bool:
+        """Every rank reports after epoch ``done`` (a barrier): when it evaluates or checkpoints."""
+        return self.evaluates(done) or self.checkpoints(done)
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """One worker's pieces of a training run, as the teacher or the student builds them; the loop does the rest."""
+
+    model: nn.Module  # bare, on the CPU
+    train_loader: DataLoader  # this rank's batches: its sampler already splits the data by rank
+    test_set: Dataset  # the whole test set: each rank evaluates its slice (rank_slice)
+    spec: ImageSpec
+    loss_fn: nn.Module
+    set_epoch: Callable[[int], None]  # before each epoch (0-based): samplers, label pool
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    eval_batch_size: int = 1000
+
+
+def rank_slice(n: int, rank: int, world: int) -> range:
+    """The contiguous part of ``range(n)`` that ``rank`` of ``world`` handles; the parts cover it once."""
+    return range(n * rank // world, n * (rank + 1) // world)
 
 
 def random_flip(x: torch.Tensor) -> torch.Tensor:
@@ -47,18 +88,25 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, spec: ImageSpec, device: torch.device) -> float:
-    """Top-1 accuracy on a loader of (unnormalized images, labels)."""
+def evaluate_counts(model: nn.Module, loader: DataLoader, spec: ImageSpec, device: torch.device) -> tuple[int, int]:
+    """(correct, seen) top-1 counts on a loader of (unnormalized images, labels): sums over slices add up."""
     model.eval()
     correct, seen = 0, 0
     for images, labels in loader:
         logits = model(normalize(images.to(device), spec))
-        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        correct += int((logits.argmax(1).cpu() == labels).sum().item())
         seen += labels.numel()
+    return correct, seen
+
+
+def evaluate(model: nn.Module, loader: DataLoader, spec: ImageSpec, device: torch.device) -> float:
+    """Top-1 accuracy on a loader of (unnormalized images, labels), in one process."""
+    correct, seen = evaluate_counts(model, loader, spec, device)
     return correct / max(seen, 1)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The student's optimizer: AdamW or SGD with momentum, as ``cfg`` says."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
