@@ -18,13 +18,14 @@ from lpld_ray.data.pool import ImageSource, LabelPool, LabelShards
 from lpld_ray.machine import describe_machine
 from lpld_ray.method.kd import SoftTargetKLLoss  # noqa
 from lpld_ray.method.models import build_model
+from lpld_ray.method.rng import SAMPLER_VERSION
 from lpld_ray.method.views import sample_view, view_counts  # noqa
-from lpld_ray.store.layout import LABELS_OBJECT  # noqa
 from lpld_ray.pipeline.student import image_sampler  # noqa
 from lpld_ray.store.codecs import encode_png  # noqa
 from lpld_ray.store.label_table import epoch_order, records_to_table, table_to_parquet  # noqa
 from lpld_ray.store.layout import (
     IMAGES_STAGE,  # noqa
+    LABELS_OBJECT,  # noqa
     LABELS_STAGE,  # noqa
     image_object_name,  # noqa
 )
@@ -72,7 +73,8 @@ def write_pool(store: Store, args: argparse.Namespace, relabel_cfg) -> None:
                 views += [sample_view(0, image_id, v, num_images, args.size, relabel_cfg) for v in range(int(counts[image_id]))]
         images.commit(0, {})
         order, groups = epoch_order(views, counts)
-        table = records_to_table([views[j] for j in order], torch.randn(len(views), args.classes).half(), args.classes)
+        table = records_to_table([views[j] for j in order], torch.randn(len(views), args.classes).half(), args.classes,
+                                 SAMPLER_VERSION)
         labels = ShardWriter(store, LABELS_STAGE, shard_name(index))
         labels.put(LABELS_OBJECT, table_to_parquet(table, groups))
         labels.commit(0, {})

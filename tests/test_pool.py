@@ -146,6 +146,27 @@ def test_uniform_draws_are_seeded_and_serve_the_stored_row(tmp_path):
     assert torch.equal(y, stored[pool.row(2, 3)].float())
 
 
+def test_uniform_draws_are_keyed_by_epoch_and_image_not_by_the_pool(tmp_path):
+    from lpld_ray.method.rng import Stream, generator
+
+    cfg = RelabelConfig(epochs=12, compression=2.0, mix="cutmix")
+    images = make_images(classes=3, ipc=IPC)
+    for c in range(3):
+        store, *_ = relabel(tmp_path, cfg, [image_id_of(c, i, IPC) for i in range(IPC)], images=images,
+                            shard=f"shard-{c:05d}")
+    commit_images(store, images)
+    whole = open_pool(store, sampling="uniform")
+    one = LabelPool(LabelShards(store, ["shard-00002"]), ImageSource(store, IPC, 1 << 20), SIDE, "uniform", seed=3)
+    offset = int(np.searchsorted(whole.image_ids, one.image_ids[0]))
+    for epoch in range(6):
+        for i in range(len(one)):
+            image_id, n = int(one.image_ids[i]), one.views_of(i)
+            assert one.view_index(i, epoch) == whole.view_index(offset + i, epoch)  # the same draw in any pool
+            assert one.view_index(i, epoch) == int(generator(Stream.VIEW_DRAW, 3, epoch, image_id).integers(n))
+    counts = np.bincount([whole.view_index(0, e) for e in range(600)], minlength=whole.views_of(0))
+    assert counts.min() > 600 / whole.views_of(0) * 0.7  # every stored view is drawn, about equally often
+
+
 def test_a_rank_holds_only_its_records_and_images_within_the_cache(tmp_path):
     store, *_ = relabelled(tmp_path, RelabelConfig(epochs=8, compression=2.0, mix="cutmix"),
                            images=make_images(classes=CLASSES, ipc=IPC))
@@ -251,6 +272,12 @@ def test_shard_sampler_covers_every_image_once_with_equal_ranks(world):
             assert len(set(shard_of[indices].tolist())) <= -(-7 // world) + 2  # whole shards, cut at most at both ends
         orders[epoch] = ranks
     assert orders[0] != orders[1]
+    again = ShardSampler(shard_of, world, world - 1, seed=3)
+    again.set_epoch(1)
+    assert list(again) == orders[1][world - 1]  # a rank's order depends only on (seed, epoch, rank)
+    other = ShardSampler(shard_of, world, world - 1, seed=4)
+    other.set_epoch(1)
+    assert list(other) != list(again)  # and on the seed
 
 
 def test_shard_sampler_lets_a_rank_read_only_its_shards(tmp_path, monkeypatch):

@@ -11,7 +11,9 @@ from lpld_ray.method.recover import (
     across_class_groups,
     bn_distance,
     class_wise_groups,
+    group_generators,
     group_losses,
+    initial_images,
     recover_groups,
 )
 from lpld_ray.method.squeeze import accumulate_bn_sums
@@ -50,6 +52,26 @@ def test_batched_across_classes_equals_one_group_at_a_time(teacher_and_sums):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_group_draws_are_keyed_by_the_group_not_its_batch(teacher_and_sums):
+    _, sums = teacher_and_sums
+    targets = BNTarget.rows_of(sums)
+    four = class_wise_groups([0, 1, 2, 3], 2, targets, run_seed=5)
+    two = class_wise_groups([2, 3], 2, targets[2:], run_seed=5)
+    assert [g.key for g in four[2:]] == [g.key for g in two]
+    assert torch.equal(initial_images(four[3], (1, 8, 8)), initial_images(two[1], (1, 8, 8)))
+    assert not torch.equal(initial_images(four[0], (1, 8, 8)), initial_images(four[1], (1, 8, 8)))
+    aug = [g.uniform(size=5).tolist() for g in group_generators(four[2:] + two)]
+    assert aug[:2] == aug[2:] and aug[0] != aug[1]
+    reseeded = class_wise_groups([0], 2, targets[:1], run_seed=6)[0]
+    assert not torch.equal(initial_images(four[0], (1, 8, 8)), initial_images(reseeded, (1, 8, 8)))
+    # SRe2L groups: image j of the shard that starts at class 0 is not image j of the shard that starts at class 2
+    glob = BNTarget.rows_of(sums.total())[0]
+    a, b = across_class_groups([0, 1], 2, glob, 5), across_class_groups([2, 3], 2, glob, 5)
+    keys = {g.key for g in a + b} | {g.key for g in four}
+    assert len(keys) == 8  # no two groups of either batching share a key
+    assert not torch.equal(initial_images(a[0], (1, 8, 8))[0], initial_images(b[0], (1, 8, 8))[0])
+
+
 def test_seeds_change_images_and_pixels_stay_valid(teacher_and_sums):
     model, sums = teacher_and_sums
     targets = BNTarget.rows_of(sums)
@@ -80,7 +102,7 @@ def test_recover_lowers_the_loss(teacher_and_sums):
     cfg = RecoverConfig(ipc=4, iterations=60, jitter=0, crop_scale=(1.0, 1.0), flip=False)
     images = recover_groups(model, groups, cfg, BOUNDS)[0]
     mean, std = torch.tensor(BOUNDS.mean).view(1, -1, 1, 1), torch.tensor(BOUNDS.std).view(1, -1, 1, 1)
-    init = torch.randn((4, 1, 28, 28), generator=torch.Generator().manual_seed(groups[0].seed))
+    init = initial_images(groups[0], (1, 28, 28))
 
     def loss_of(z):
         inputs = []

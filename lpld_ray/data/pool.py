@@ -20,12 +20,8 @@ from torch.utils.data import Dataset, Sampler
 from lpld_ray.config import VIEW_SAMPLING
 from lpld_ray.errors import StorageError
 from lpld_ray.method.augment import CropBox
-from lpld_ray.method.views import (
-    DRAW_STREAM,
-    ViewParams,
-    compose_view,
-    stream_generator,
-)
+from lpld_ray.method.rng import Stream, generator
+from lpld_ray.method.views import ViewParams, compose_view
 from lpld_ray.store.codecs import decode_png_uint8
 from lpld_ray.store.label_table import NUM_CLASSES_KEY, check_label_schema
 from lpld_ray.store.layout import (
@@ -269,8 +265,8 @@ class LabelPool(Dataset):
     ``sampling="cycle"``: image i with n_i views uses view ``epoch % n_i``, so over E epochs each view is used
     floor(E/n_i) or ceil(E/n_i) times (views are independent draws, so a fixed order adds no bias), and the relabel
     stage stores rows so that one epoch reads one row group per distinct n_i of a shard. ``"uniform"``: a draw with
-    replacement seeded by (seed, epoch, image id), the paper's ablation. Call :meth:`set_epoch` with this rank's
-    sampler indices before each epoch: only their records and images are read.
+    replacement from the stream keyed by (VIEW_DRAW, seed, epoch, image id), the paper's ablation. Call
+    :meth:`set_epoch` with this rank's sampler indices before each epoch: only their records and images are read.
     """
 
     def __init__(self, shards: LabelShards, images: ImageSource, size: int, sampling: str = "cycle", seed: int = 0) -> None:
@@ -301,8 +297,7 @@ class LabelPool(Dataset):
         n = self.views_of(i)
         if self.sampling == "cycle":
             return int(epoch) % n
-        gen = stream_generator(DRAW_STREAM, self.seed, epoch, int(self.index.image_ids[i]))
-        return int(torch.randint(0, n, (1,), generator=gen).item())
+        return int(generator(Stream.VIEW_DRAW, self.seed, int(epoch), int(self.index.image_ids[i])).integers(n))
 
     def row(self, i: int, epoch: int) -> int:
         """The row of its shard's table that image i uses in ``epoch``."""
@@ -362,7 +357,7 @@ class ShardSampler(Sampler[int]):
 
     def assignment(self) -> list[np.ndarray]:
         """The image indices of every rank this epoch (the same on every rank)."""
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = generator(Stream.SHARD_ASSIGN, self.seed, self.epoch)
         members = [np.flatnonzero(self.shard_of == s) for s in range(int(self.shard_of.max()) + 1)]
         loads, owned = np.zeros(self.num_replicas, np.int64), [[] for _ in range(self.num_replicas)]
         for s in rng.permutation(len(members)):
@@ -375,5 +370,5 @@ class ShardSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         mine = self.assignment()[self.rank]
-        mine = np.random.default_rng([self.seed, self.epoch, self.rank]).permutation(mine)
+        mine = generator(Stream.SHARD_ORDER, self.seed, self.epoch, self.rank).permutation(mine)
         return iter(np.resize(mine if len(mine) else np.arange(len(self.shard_of)), self.num_samples).tolist())

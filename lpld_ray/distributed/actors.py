@@ -44,16 +44,18 @@ class ShardWorker:
 
     def relabel(self, shard: ClassShard, shards: list[ClassShard], cfg: RelabelConfig, ipc: int, num_classes: int,
                 seed: int, inputs: str) -> dict:
-        """One labels shard, reading only its own images and its views' CutMix partners."""
+        """One labels shard: every kept view of its images sampled once, then only its images and their views'
+        CutMix partners read."""
         from lpld_ray.method.images import normalize
-        from lpld_ray.method.views import image_id_of, images_needed, view_counts
-        from lpld_ray.pipeline.labels import relabel_shard
+        from lpld_ray.method.views import image_id_of, plan_views, view_counts
+        from lpld_ray.pipeline.labels import RelabelTask, relabel_shard
 
         counts = view_counts(num_classes * ipc, cfg.epochs, cfg.compression, seed)
         ids = [image_id_of(c, i, ipc) for c in shard.class_ids for i in range(ipc)]
-        images = load_images(self.store, ipc, images_needed(seed, ids, counts, cfg, self.spec.size), shards)
-        return relabel_shard(self.store, self.teacher, lambda x: normalize(x, self.spec), images, ids, counts,
-                             num_classes, cfg, seed, self.device, shard.name, inputs)
+        views = plan_views(seed, ids, counts, cfg, self.spec.size)
+        task = RelabelTask(shard.name, tuple(ids), tuple(views), cfg, seed, num_classes, inputs)
+        images = load_images(self.store, ipc, task.images_needed(), shards)
+        return relabel_shard(self.store, self.teacher, lambda x: normalize(x, self.spec), images, task, self.device)
 
 
 @ray.remote

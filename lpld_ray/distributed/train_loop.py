@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from lpld_ray.method.rng import Stream, torch_seed
 from lpld_ray.method.training import (
     EpochSchedule,
     TrainSetup,
@@ -93,7 +94,7 @@ def sharded_top1(model: nn.Module, loader: DataLoader, setup: TrainSetup, env: W
 def run_task(task: TrainTask, env: WorkerEnv) -> None:
     """Train ``task`` from its last checkpoint to its last epoch; rank 0 then commits the weights with the test
     top-1 of the last evaluation (which the last epoch always does, once)."""
-    torch.manual_seed(task.seed)
+    torch.manual_seed(torch_seed(Stream.MODEL_INIT, task.seed))
     setup = task.setup(env.rank, env.world)
     model = env.prepare_model(setup.model.to(memory_format=torch.channels_last))
     bare = model.module if hasattr(model, "module") else model

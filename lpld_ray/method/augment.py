@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,22 +20,24 @@ class CropBox:
     width: int
 
 
-def uniform(gen: torch.Generator, low: float, high: float) -> float:
-    return float(torch.empty(1).uniform_(low, high, generator=gen).item())
+def uniform(gen: np.random.Generator, low: float, high: float) -> float:
+    """One draw from U[low, high) of ``gen``."""
+    return float(gen.uniform(low, high))
 
 
-def randint(gen: torch.Generator, low: int, high_inclusive: int) -> int:
-    return int(torch.randint(low, high_inclusive + 1, (1,), generator=gen).item())
+def randint(gen: np.random.Generator, low: int, high_inclusive: int) -> int:
+    """One integer in [low, high_inclusive] from ``gen``."""
+    return int(gen.integers(low, high_inclusive, endpoint=True))
 
 
 def sample_crop(
-    gen: torch.Generator,
+    gen: np.random.Generator,
     height: int,
     width: int,
     scale: tuple[float, float],
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> CropBox:
-    """RandomResizedCrop's parameter draw (torchvision's algorithm) from an explicit generator."""
+    """RandomResizedCrop's parameter draw (torchvision's algorithm) from an explicit numpy generator."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -70,7 +73,8 @@ class SynthAug:
     dx: int
 
     @staticmethod
-    def sample(gen: torch.Generator, size: int, scale: tuple[float, float], flip: bool, jitter: int) -> "SynthAug":
+    def sample(gen: np.random.Generator, size: int, scale: tuple[float, float], flip: bool, jitter: int) -> "SynthAug":
+        """One draw from ``gen``: crop, flip (when ``flip``), and a roll of 0..jitter pixels each way."""
         box = sample_crop(gen, size, size, scale)
         do_flip = flip and uniform(gen, 0.0, 1.0) < 0.5
         return SynthAug(box, do_flip, randint(gen, 0, jitter), randint(gen, 0, jitter))

@@ -6,6 +6,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +14,7 @@ from torch import nn
 from lpld_ray.config import RecoverConfig
 from lpld_ray.method.augment import SynthAug
 from lpld_ray.method.images import ImageSpec
+from lpld_ray.method.rng import Stream, generator, torch_generator
 from lpld_ray.method.squeeze import BNSums, bn_modules
 
 log = logging.getLogger(__name__)
@@ -36,33 +38,39 @@ class BNTarget:
         ]
 
 
+BATCHING_CODES = {"class_wise": 0, "across_classes": 1}
+
+
 @dataclass(frozen=True)
 class Group:
-    """Images whose BN statistics are matched together, with their labels, target and seed."""
+    """Images whose BN statistics are matched together, with their labels, target, the run seed and the group's key:
+    its draws come from the streams keyed by (seed, *key), so they do not depend on how groups are batched."""
 
     labels: tuple[int, ...]
     target: BNTarget
     seed: int
+    key: tuple[int, ...]
 
 
-def group_seed(run_seed: int, batching: str, key: int) -> int:
-    """A stable seed per group: the same group gets the same draws however it is batched."""
-    return (run_seed * 1_000_003 + key * 7_919 + (0 if batching == "class_wise" else 104_729)) % (2**63)
+def group_key(batching: str, *ids: int) -> tuple[int, ...]:
+    """The key of a group: the batching's code, then the ids that name the group within it."""
+    return (BATCHING_CODES[batching], *(int(i) for i in ids))
 
 
 def class_wise_groups(class_ids: list[int], ipc: int, class_targets: list[BNTarget], run_seed: int) -> list[Group]:
     """LPLD: one group per class, all IPC images of it, matched to that class's statistics."""
     return [
-        Group((c,) * ipc, target, group_seed(run_seed, "class_wise", c))
+        Group((c,) * ipc, target, int(run_seed), group_key("class_wise", c))
         for c, target in zip(class_ids, class_targets)
     ]
 
 
 def across_class_groups(class_ids: list[int], ipc: int, global_target: BNTarget, run_seed: int) -> list[Group]:
-    """SRe2L: group j holds image j of every class, matched to the global statistics."""
+    """SRe2L: group j holds image j of every class (of the shard starting at ``class_ids[0]``), matched to the
+    global statistics."""
     first = class_ids[0]
     return [
-        Group(tuple(class_ids), global_target, group_seed(run_seed, "across_classes", first * 100_003 + j))
+        Group(tuple(class_ids), global_target, int(run_seed), group_key("across_classes", first, j))
         for j in range(ipc)
     ]
 
@@ -102,9 +110,15 @@ def cosine_lr(base_lr: float, step: int, total: int) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * step / total))
 
 
-def group_generators(groups: list[Group]) -> list[torch.Generator]:
-    """One generator per group, seeded by the group (so batching does not change the draws)."""
-    return [torch.Generator().manual_seed(g.seed) for g in groups]
+def initial_images(group: Group, shape: tuple[int, ...]) -> torch.Tensor:
+    """The group's starting images [len(labels), *shape] ~ N(0, 1), from the stream (RECOVER_INIT, seed, *key)."""
+    gen = torch_generator(Stream.RECOVER_INIT, group.seed, *group.key)
+    return torch.randn((len(group.labels), *shape), generator=gen)
+
+
+def group_generators(groups: list[Group]) -> list[np.random.Generator]:
+    """One augmentation generator per group, keyed by (RECOVER_AUG, seed, *key): batching does not change the draws."""
+    return [generator(Stream.RECOVER_AUG, g.seed, *g.key) for g in groups]
 
 
 def recover_groups(
@@ -120,7 +134,7 @@ def recover_groups(
         p.requires_grad_(False)
     gens = group_generators(groups)
     shape = (spec.channels, spec.size, spec.size)
-    x = torch.cat([torch.randn((len(g.labels), *shape), generator=gen) for g, gen in zip(groups, gens)])
+    x = torch.cat([initial_images(g, shape) for g in groups])
     x = x.to(device, memory_format=torch.channels_last).requires_grad_(True)
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)

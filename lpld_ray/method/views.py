@@ -1,37 +1,25 @@
-"""Views of the label pool: ids, per-image view counts, seeded view parameters and the composed view (plain torch)."""
+"""Views of the label pool: ids, per-image view counts, view parameters from method.rng and the composed view (torch)."""
 
 from __future__ import annotations
 
-import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from lpld_ray.config import RelabelConfig
 from lpld_ray.method.augment import CropBox, randint, resized_crop, sample_crop, uniform
+from lpld_ray.method.rng import Stream, generator
 
 MIX_CODES = {"none": 0, "cutmix": 1, "cutout": 2}
-
-
-_VIEW_STREAM = 1
-
-
-DRAW_STREAM = 2
 
 
 def image_id_of(class_id: int, index: int, ipc: int) -> int:
     """The run-wide image id: ``class_id * ipc + index``."""
     return int(class_id) * int(ipc) + int(index)
-
-
-def stream_generator(*parts: int) -> torch.Generator:
-    """A CPU generator seeded by a hash of ``parts``: independent of batching, sharding and call order."""
-    digest = hashlib.blake2b(b"".join(int(p).to_bytes(8, "little", signed=True) for p in parts), digest_size=8)
-    gen = torch.Generator()
-    gen.manual_seed(int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1))
-    return gen
 
 
 def kept_views(num_images: int, epochs: int, compression: float) -> int:
@@ -49,9 +37,8 @@ def view_counts(num_images: int, epochs: int, compression: float, seed: int) -> 
         raise ValueError(f"view_counts needs num_images >= 1, epochs >= 1, compression >= 1; got {num_images}, {epochs}, {compression}")
     total = kept_views(num_images, epochs, compression)
     counts = torch.full((num_images,), total // num_images, dtype=torch.int64)
-    gen = torch.Generator()
-    gen.manual_seed(int(seed))
-    counts[torch.randperm(num_images, generator=gen)[: total % num_images]] += 1
+    extra = generator(Stream.VIEW_COUNTS, seed).permutation(num_images)[: total % num_images]
+    counts[torch.from_numpy(extra)] += 1
     return counts.clamp_(min=1)
 
 
@@ -71,31 +58,7 @@ class ViewParams:
     lam: float  # cutmix: 1 - box area / image area; 1.0 otherwise
 
 
-def _gamma(gen: torch.Generator, a: float) -> float:
-    """Gamma(a, 1) from ``gen``: exponential for a = 1, Marsaglia-Tsang otherwise (boosted for a < 1)."""
-    if a == 1.0:
-        return float(torch.empty(1).exponential_(generator=gen).item())
-    if a < 1.0:
-        return _gamma(gen, a + 1.0) * uniform(gen, 0.0, 1.0) ** (1.0 / a)
-    d = a - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-    while True:
-        x = float(torch.randn(1, generator=gen).item())
-        v = (1.0 + c * x) ** 3
-        if v <= 0:
-            continue
-        u = uniform(gen, 0.0, 1.0)
-        if u > 0 and math.log(u) < 0.5 * x * x + d - d * v + d * math.log(v):
-            return d * v
-
-
-def sample_beta(gen: torch.Generator, a: float) -> float:
-    """Beta(a, a) as X / (X + Y) with X, Y ~ Gamma(a) drawn from ``gen``."""
-    x, y = _gamma(gen, a), _gamma(gen, a)
-    return x / (x + y) if x + y > 0 else 0.5
-
-
-def _centered_box(gen: torch.Generator, size: int, cut: int) -> CropBox:
+def _centered_box(gen: np.random.Generator, size: int, cut: int) -> CropBox:
     """A cut x cut box with a uniform centre, clipped to the image (CutMix's rand_bbox)."""
     cy, cx = randint(gen, 0, size - 1), randint(gen, 0, size - 1)
     y1, y2 = max(cy - cut // 2, 0), min(cy + cut // 2, size)
@@ -104,8 +67,11 @@ def _centered_box(gen: torch.Generator, size: int, cut: int) -> CropBox:
 
 
 def sample_view(seed: int, image_id: int, view_id: int, num_images: int, size: int, cfg: RelabelConfig) -> ViewParams:
-    """The parameters of view ``view_id`` of ``image_id``, from a stream seeded by (seed, image_id, view_id)."""
-    gen = stream_generator(_VIEW_STREAM, seed, image_id, view_id)
+    """The parameters of view ``view_id`` of ``image_id``, from the stream keyed by (VIEW, seed, image_id, view_id).
+
+    The CutMix partner is uniform over the other ``num_images - 1`` images; lambda ~ Beta(a, a) is numpy's.
+    """
+    gen = generator(Stream.VIEW, seed, image_id, view_id)
     crop = sample_crop(gen, size, size, cfg.crop_scale)
     flip = uniform(gen, 0.0, 1.0) < 0.5 and cfg.flip
     mix = MIX_CODES[cfg.mix]
@@ -114,7 +80,7 @@ def sample_view(seed: int, image_id: int, view_id: int, num_images: int, size: i
         partner += int(num_images > 1 and partner >= image_id)
         partner_crop = sample_crop(gen, size, size, cfg.crop_scale)
         partner_flip = uniform(gen, 0.0, 1.0) < 0.5 and cfg.flip
-        lam = sample_beta(gen, cfg.cutmix_beta)
+        lam = float(gen.beta(cfg.cutmix_beta, cfg.cutmix_beta))
         box = _centered_box(gen, size, int(size * math.sqrt(1.0 - lam)))
         lam = 1.0 - box.height * box.width / (size * size)
         return ViewParams(image_id, view_id, crop, flip, mix, partner, partner_crop, partner_flip, box, lam)
@@ -122,14 +88,18 @@ def sample_view(seed: int, image_id: int, view_id: int, num_images: int, size: i
     return ViewParams(image_id, view_id, crop, flip, mix, -1, None, False, box, 1.0)
 
 
-def images_needed(seed: int, image_ids: list[int], counts: Tensor, cfg: RelabelConfig, size: int) -> set[int]:
-    """The shard's own images and the CutMix partners of their kept views: all a relabel shard reads, so an actor's
+def plan_views(seed: int, image_ids: Iterable[int], counts: Tensor, cfg: RelabelConfig, size: int) -> list[ViewParams]:
+    """Every kept view of ``image_ids`` (``counts[i]`` views of image i, of ``len(counts)`` in the run), each sampled
+    once, image by image in the given order and by view id within an image."""
+    num_images = len(counts)
+    return [sample_view(seed, int(i), v, num_images, size, cfg) for i in image_ids for v in range(int(counts[int(i)]))]
+
+
+def images_needed(image_ids: Iterable[int], views: Iterable[ViewParams]) -> set[int]:
+    """The shard's own images and the CutMix partners of its views: all a relabel shard reads, so an actor's
     memory is bounded by the shard (at most images x (1 + views per image)), not by the dataset."""
-    needed = set(image_ids)
-    if MIX_CODES[cfg.mix] == 1:
-        for image_id in image_ids:
-            for view_id in range(int(counts[image_id])):
-                needed.add(sample_view(seed, image_id, view_id, len(counts), size, cfg).partner_id)
+    needed = {int(i) for i in image_ids}
+    needed.update(v.partner_id for v in views if v.mix == 1)
     return needed
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
@@ -12,7 +14,8 @@ from torch import Tensor, nn
 
 from lpld_ray.config import RelabelConfig
 from lpld_ray.errors import StorageError
-from lpld_ray.method.views import ViewParams, compose_view, sample_view
+from lpld_ray.method.rng import SAMPLER_VERSION
+from lpld_ray.method.views import ViewParams, compose_view, images_needed
 from lpld_ray.store.label_table import (
     LABEL_SCHEMA_VERSION,
     epoch_order,
@@ -35,16 +38,17 @@ log = logging.getLogger(__name__)
 
 
 
-
-
-
 def current_labels(store: Store, shard: str, inputs: str) -> Manifest | None:
-    """The labels shard's manifest when it verifies, was made from ``inputs`` and has this schema version; None: redo."""
+    """The labels shard's manifest when it verifies, was made from ``inputs`` with this schema and sampler version;
+    None: redo it."""
     manifest = current_shard(store, LABELS_STAGE, shard, inputs)
-    if manifest is not None and manifest.meta.get("schema_version") != LABEL_SCHEMA_VERSION:
-        log.warning("labels/%s has label schema version %s, not %d; redoing it", shard,
-                    manifest.meta.get("schema_version"), LABEL_SCHEMA_VERSION)
+    if manifest is None:
         return None
+    for key, version in (("schema_version", LABEL_SCHEMA_VERSION), ("sampler_version", SAMPLER_VERSION)):
+        if manifest.meta.get(key) != version:
+            log.warning("labels/%s has %s %s, not %d; redoing it", shard, key.replace("_", " "), manifest.meta.get(key),
+                        version)
+            return None
     return manifest
 
 
@@ -65,56 +69,80 @@ def _teacher_logits(teacher: nn.Module, normalize_fn: Callable[[Tensor], Tensor]
     return out.detach().to("cpu", torch.float16)
 
 
+@dataclass(frozen=True)
+class RelabelTask:
+    """One labels shard to make: its images (run-wide ids), every kept view of them (sampled once, e.g. by
+    :func:`lpld_ray.method.views.plan_views`), the relabel config and the seed the views were drawn with."""
+
+    shard: str
+    image_ids: tuple[int, ...]
+    views: tuple[ViewParams, ...]
+    cfg: RelabelConfig
+    seed: int
+    num_classes: int
+    inputs: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_ids", tuple(int(i) for i in self.image_ids))
+        object.__setattr__(self, "views", tuple(self.views))
+        strays = {v.image_id for v in self.views} - set(self.image_ids)
+        if strays:
+            raise ValueError(f"relabel task {self.shard}: views of image {min(strays)}, which is not one of its images")
+
+    def images_needed(self) -> set[int]:
+        """The shard's own images and its views' CutMix partners: the images relabel_shard needs."""
+        return images_needed(self.image_ids, self.views)
+
+    def views_per_image(self) -> dict[int, int]:
+        """How many views each image of the shard keeps."""
+        return dict(Counter(v.image_id for v in self.views))
+
+
 def relabel_shard(
     store: Store,
     teacher: nn.Module,
     normalize_fn: Callable[[Tensor], Tensor],
     images: dict[int, Tensor],
-    shard_image_ids: list[int],
-    counts: Tensor,
-    num_classes: int,
-    cfg: RelabelConfig,
-    seed: int,
+    task: RelabelTask,
     device: torch.device | str = "cpu",
-    shard: str = "shard-00000",
-    inputs: str = "",
 ) -> dict:
-    """Teacher fp16 outputs for every kept view of the shard's images, committed as ``labels/<shard>/labels.parquet``.
+    """Teacher fp16 outputs for every view of ``task``, committed as ``labels/<shard>/labels.parquet``.
 
-    ``images`` holds every image of the run by id (CutMix partners come from any class), as decoded PNGs on
-    the CPU; views are composed there and only the batch goes to ``device``.
+    ``images`` holds at least ``task.images_needed()`` by id (CutMix partners come from any class), as decoded PNGs
+    on the CPU; views are composed there and only the batch goes to ``device``.
     """
     started = time.time()
-    size = int(next(iter(images.values())).shape[-1])
+    missing = task.images_needed() - set(images)
+    if missing:
+        raise ValueError(f"relabel {task.shard}: image {min(missing)} is needed but not given")
+    size = int(images[task.image_ids[0]].shape[-1]) if task.image_ids else 0
     was_training = teacher.training
     teacher.eval()
-    views: list[ViewParams] = []
     outputs: list[Tensor] = []
     batch: list[Tensor] = []
     try:
-        for image_id in shard_image_ids:
-            for view_id in range(int(counts[image_id])):
-                view = sample_view(seed, image_id, view_id, len(counts), size, cfg)
-                partner = images[view.partner_id] if view.mix == 1 else None
-                batch.append(compose_view(images[image_id], partner, view, size))
-                views.append(view)
-                if len(batch) == cfg.batch_size:
-                    outputs.append(_teacher_logits(teacher, normalize_fn, batch, device))
-                    batch = []
+        for view in task.views:
+            partner = images[view.partner_id] if view.mix == 1 else None
+            batch.append(compose_view(images[view.image_id], partner, view, size))
+            if len(batch) == task.cfg.batch_size:
+                outputs.append(_teacher_logits(teacher, normalize_fn, batch, device))
+                batch = []
         if batch:
             outputs.append(_teacher_logits(teacher, normalize_fn, batch, device))
     finally:
         teacher.train(was_training)
-    logits = torch.cat(outputs) if outputs else torch.empty(0, num_classes, dtype=torch.float16)
-    order, row_groups = epoch_order(views, counts)
-    table = records_to_table([views[j] for j in order], logits[order], num_classes)
+    logits = torch.cat(outputs) if outputs else torch.empty(0, task.num_classes, dtype=torch.float16)
+    views = list(task.views)
+    order, row_groups = epoch_order(views, task.views_per_image())
+    table = records_to_table([views[j] for j in order], logits[order], task.num_classes, SAMPLER_VERSION)
     data = table_to_parquet(table, row_groups)
-    writer = ShardWriter(store, LABELS_STAGE, shard)
+    writer = ShardWriter(store, LABELS_STAGE, task.shard)
     writer.put(LABELS_OBJECT, data)
     sizes = label_bytes(table)
-    meta = {"records": table.num_rows, "schema_version": LABEL_SCHEMA_VERSION, "logit_bytes": sizes["logits"],
-            "aug_bytes": sizes["aug"], "parquet_bytes": len(data), "inputs": inputs}
-    writer.commit(seed, meta)
-    log.info("relabelled %s: %d views of %d images in %.1fs (%d parquet bytes)", shard, table.num_rows,
-             len(shard_image_ids), time.time() - started, len(data))
+    meta = {"records": table.num_rows, "schema_version": LABEL_SCHEMA_VERSION, "sampler_version": SAMPLER_VERSION,
+            "logit_bytes": sizes["logits"], "aug_bytes": sizes["aug"], "parquet_bytes": len(data),
+            "inputs": task.inputs}
+    writer.commit(task.seed, meta)
+    log.info("relabelled %s: %d views of %d images in %.1fs (%d parquet bytes)", task.shard, table.num_rows,
+             len(task.image_ids), time.time() - started, len(data))
     return meta

@@ -14,6 +14,7 @@ from lpld_ray.data.datasets import load_dataset
 from lpld_ray.data.pool import ImageSource, LabelPool, LabelShards, ShardSampler
 from lpld_ray.method.kd import SoftTargetKLLoss
 from lpld_ray.method.models import build_model, save_weights_bytes
+from lpld_ray.method.rng import sampler_seed
 from lpld_ray.method.training import (
     EpochSchedule,
     TrainSetup,
@@ -42,7 +43,7 @@ def image_sampler(pool: LabelPool, kind: str, world: int, rank: int, seed: int):
     """This rank's images per epoch: a global shuffle (DistributedSampler), or whole label shards per rank."""
     if kind == "shard":
         return ShardSampler(pool.index.shard_of, world, rank, seed)
-    return DistributedSampler(pool, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    return DistributedSampler(pool, num_replicas=world, rank=rank, shuffle=True, seed=sampler_seed(seed))
 
 
 @dataclass(frozen=True)

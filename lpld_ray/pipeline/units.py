@@ -19,6 +19,7 @@ from lpld_ray.method.recover import (
     class_wise_groups,
     recover_groups,
 )
+from lpld_ray.method.rng import Stream, torch_generator
 from lpld_ray.method.squeeze import BNSums, accumulate_bn_sums
 from lpld_ray.pipeline.shards import GLOBAL_SHARD, ClassShard
 from lpld_ray.store.codecs import decode_png, encode_png
@@ -111,8 +112,8 @@ def recover_shard(
 
 
 def random_real_images(real_train: ClassDataset, classes: list[int], ipc: int, seed: int) -> dict[int, list[torch.Tensor]]:
-    """The baseline: IPC random real training images per class (seeded per class)."""
-    return {c: list(real_train.class_images(c, ipc, torch.Generator().manual_seed(seed * 1_000_003 + c))) for c in classes}
+    """The baseline: IPC random real training images per class, from the stream keyed by (REAL_IMAGES, seed, class)."""
+    return {c: list(real_train.class_images(c, ipc, torch_generator(Stream.REAL_IMAGES, seed, c))) for c in classes}
 
 
 def synthesize(

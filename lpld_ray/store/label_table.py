@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,7 +12,7 @@ from torch import Tensor
 
 from lpld_ray.errors import StorageError
 
-LABEL_SCHEMA_VERSION = 1
+LABEL_SCHEMA_VERSION = 2  # 2: the schema metadata records the sampler version of the views
 
 
 VERSION_KEY = b"lpld_label_schema_version"
@@ -19,8 +21,13 @@ VERSION_KEY = b"lpld_label_schema_version"
 NUM_CLASSES_KEY = b"num_classes"
 
 
-def label_schema(num_classes: int) -> pa.Schema:
-    """The versioned Arrow schema of a label record; logits are fp16 (Parquet FLOAT16)."""
+SAMPLER_KEY = b"lpld_sampler_version"  # the version of the seeded sampler that drew the views (lpld_ray.method.rng)
+
+
+def label_schema(num_classes: int, sampler_version: int | None = None) -> pa.Schema:
+    """The versioned Arrow schema of a label record; logits are fp16 (Parquet FLOAT16); the metadata records the
+    schema version, the class count and ``sampler_version``, the version of the sampler that drew the views
+    (None: left out, for sizing a record only; check_label_schema refuses a table without it)."""
     box = pa.list_(pa.int16(), 4)
     fields = [
         ("image_id", pa.int64()), ("view_id", pa.int32()), ("crop", box), ("flip", pa.bool_()),
@@ -28,6 +35,8 @@ def label_schema(num_classes: int) -> pa.Schema:
         ("mix_box", box), ("lam", pa.float32()), ("logits", pa.list_(pa.float16(), int(num_classes))),
     ]
     meta = {VERSION_KEY: str(LABEL_SCHEMA_VERSION).encode(), NUM_CLASSES_KEY: str(int(num_classes)).encode()}
+    if sampler_version is not None:
+        meta[SAMPLER_KEY] = str(int(sampler_version)).encode()
     return pa.schema([pa.field(n, t, nullable=False) for n, t in fields], metadata=meta)
 
 
@@ -37,8 +46,9 @@ def _boxes(boxes: list) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.int16()), 4)
 
 
-def records_to_table(views: list, logits: Tensor, num_classes: int) -> pa.Table:
-    """One row per view, with the teacher's fp16 output [len(views), num_classes] for it."""
+def records_to_table(views: list, logits: Tensor, num_classes: int, sampler_version: int) -> pa.Table:
+    """One row per view, with the teacher's fp16 output [len(views), num_classes] for it; the views were drawn by
+    sampler ``sampler_version``."""
     if tuple(logits.shape) != (len(views), num_classes):
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit {len(views)} views x {num_classes} classes")
     flat = logits.detach().to("cpu", torch.float16).contiguous().numpy().reshape(-1)
@@ -50,10 +60,10 @@ def records_to_table(views: list, logits: Tensor, num_classes: int) -> pa.Table:
         _boxes([v.mix_box for v in views]), pa.array([v.lam for v in views], pa.float32()),
         pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), num_classes),
     ]
-    return pa.Table.from_arrays(columns, schema=label_schema(num_classes))
+    return pa.Table.from_arrays(columns, schema=label_schema(num_classes, sampler_version))
 
 
-def epoch_order(views: list, counts: Tensor) -> tuple[list[int], list[int]]:
+def epoch_order(views: list, counts: Tensor | Mapping[int, int]) -> tuple[list[int], list[int]]:
     """Row order (by views of the image, view_id, image_id) and the row group sizes of equal (views, view_id):
     epoch e of view cycling uses view e % n of each image, so it reads one row group per distinct n of a shard."""
     keys = [(int(counts[v.image_id]), v.view_id) for v in views]
@@ -80,12 +90,16 @@ def table_to_parquet(table: pa.Table, row_groups: list[int] | None = None) -> by
 
 
 def check_label_schema(schema: pa.Schema, where: str = "label table") -> None:
-    """StorageError unless ``schema`` carries the supported label schema version and a class count."""
+    """StorageError unless ``schema`` carries the supported label schema version, a class count and a sampler version."""
     meta = schema.metadata or {}
     found = meta.get(VERSION_KEY, b"missing").decode("utf-8", "replace")
-    if found != str(LABEL_SCHEMA_VERSION) or NUM_CLASSES_KEY not in meta:
+    if found != str(LABEL_SCHEMA_VERSION):
         raise StorageError(f"{where} has label schema version {found}, which is not supported "
                            f"(supported: {LABEL_SCHEMA_VERSION}): re-run the relabel stage")
+    missing = [k.decode() for k in (NUM_CLASSES_KEY, SAMPLER_KEY) if not meta.get(k, b"").decode("utf-8", "replace").isdigit()]
+    if missing:
+        raise StorageError(f"{where} has label schema version {found} but no valid {' or '.join(missing)} in its "
+                           "metadata: re-run the relabel stage")
 
 
 def read_label_table(data: bytes) -> pa.Table:
@@ -99,7 +113,13 @@ def read_label_table(data: bytes) -> pa.Table:
 
 
 def num_classes_of(table: pa.Table) -> int:
+    """The class count a (checked) label table records."""
     return int((table.schema.metadata or {})[NUM_CLASSES_KEY])
+
+
+def sampler_version_of(table: pa.Table) -> int:
+    """The version of the sampler that drew a (checked) label table's views."""
+    return int((table.schema.metadata or {})[SAMPLER_KEY])
 
 
 def aug_bytes_per_row(schema: pa.Schema) -> int:
