@@ -20,7 +20,8 @@ from lpld_ray.method.models import build_model, load_weights
 from lpld_ray.pipeline.estimate import dataset_shape, plan_lines
 from lpld_ray.pipeline.plan import check_stage_inputs
 from lpld_ray.pipeline.shards import plan_class_shards
-from lpld_ray.pipeline.stages import STAGE_NAMES, STAGES
+from lpld_ray.pipeline.stages import STAGE_NAMES
+from lpld_ray.pipeline.start_over import require_a_run, start_over
 from lpld_ray.store.lease import RunLease
 from lpld_ray.store.run_record import check_run_record, write_run_record
 from lpld_ray.store.storage import Store, read_uri_bytes, storage_options
@@ -67,13 +68,6 @@ def preflight(cfg: Config, run_dir: str) -> tuple[Store, int]:
     return store, probe.num_classes
 
 
-def start_over(store: Store) -> None:
-    """--force-new: remove the run record and every stage's folder, nothing else under the run root (the lease stays)."""
-    removed = sum(store.delete_tree(stage.folder) for stage in STAGES) + store.exists("run.yaml")
-    store.delete("run.yaml")
-    log.warning("--force-new: deleted %d objects of the earlier run at %s", removed, store.root)
-
-
 def interrupt_on(signum: int):
     """Turn ``signum`` (e.g. the SIGTERM of `ray job stop`) into SystemExit so the lease is released on the way out;
     returns the handler it replaced (None off the main thread, where nothing is changed)."""
@@ -104,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         stages = parse_stages(args.stages)
         store, num_classes = preflight(cfg, args.run_dir)
+        if args.force_new:
+            require_a_run(store)
         resuming = False if args.force_new else check_run_record(store, cfg)
         check_stage_inputs(cfg, store, stages, plan_class_shards(num_classes, cfg.runner.class_shard_size), args.force_new)
         lease = RunLease(store, cfg.storage)
@@ -112,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lease.keep_fresh(lambda job: (log.error("another job (%s) took over this run's lease: stopping", job),
                                       signal.raise_signal(signal.SIGTERM)))
         if args.force_new:
-            start_over(store)
+            removed = start_over(store)
+            log.warning("--force-new: deleted the %d objects of the earlier run at %s", removed, store.root)
         if not resuming:
             write_run_record(store, cfg)
         summary = run_pipeline(cfg, store, stages, num_classes)

@@ -141,3 +141,21 @@ def test_report_counts_storage_from_the_manifests(tmp_path):
     assert (report["label_bytes"], report["label_bytes_logits"], report["label_bytes_aug"]) == (120, 100, 20)
     assert report["label_records"] == 7 and report["label_file_bytes"] == 1
     assert (report["teacher_top1"], report["student_top1"], report["wall_seconds"]) == (0.9, 0.8, {"recover": 1.5})
+
+
+def test_inputs_digests_follow_what_each_stage_reads(tmp_path):
+    from lpld_ray.pipeline.stages import recover_inputs, relabel_inputs, train_inputs
+
+    store = Store(str(tmp_path / "run"))
+    commit(store, "squeeze", ["shard-00000", "shard-00001", "global"])
+    write_images(store, ipc=1, size=8, shards=SHARDS)
+    commit(store, "relabel", ["shard-00000", "shard-00001"])
+    lpld, sre2l = Config(), with_keys(recover={"batching": "across_classes"})
+    assert recover_inputs(lpld, store, SHARDS[0]) != recover_inputs(lpld, store, SHARDS[1])  # own class stats
+    assert recover_inputs(sre2l, store, SHARDS[0]) == recover_inputs(sre2l, store, SHARDS[1])  # the global row
+    assert recover_inputs(with_keys(recover={"source": "real"}), store, SHARDS[0]) == ""
+    assert relabel_inputs(store, SHARDS, "a" * 64) != relabel_inputs(store, SHARDS, "b" * 64)  # the teacher counts
+    before = (relabel_inputs(store, SHARDS, "a" * 64), train_inputs(store, SHARDS))
+    write_images(store, ipc=2, size=8, shards=SHARDS[1:])  # one images shard redone with other bytes
+    after = (relabel_inputs(store, SHARDS, "a" * 64), train_inputs(store, SHARDS))
+    assert before[0] != after[0] and before[1] != after[1]

@@ -8,6 +8,7 @@ from typing import Any
 
 from lpld_ray.distributed.cluster import cluster_has_gpus
 from lpld_ray.distributed.train_loop import TrainTask, train_task_loop
+from lpld_ray.store.layout import TRAIN_RUN_PREFIX
 from lpld_ray.store.manifest import current_shard
 from lpld_ray.store.storage import Store
 
@@ -36,7 +37,7 @@ class TrainerSpec:
     def run_name(self) -> str:
         """Same name = resume from its checkpoints; other inputs get another name, hence a fresh start."""
         key = self.run_key or self.inputs
-        return f"ray_train-{key[:16]}" if key else "ray_train"
+        return f"{TRAIN_RUN_PREFIX}-{key[:16]}" if key else TRAIN_RUN_PREFIX
 
 
 def fit_with_ray_train(store: Store, stage: str, task: TrainTask, spec: TrainerSpec) -> None:

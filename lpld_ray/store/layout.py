@@ -19,6 +19,7 @@ FOLDERS = {
     "report": REPORT_STAGE,
 }
 RUN_RECORD = "run.yaml"
+TRAIN_RUN_PREFIX = "ray_train"  # <teacher|train>/ray_train-<key>/: a Ray Train run's checkpoints
 LABELS_OBJECT = "labels.parquet"  # the one object of a labels shard
 
 
