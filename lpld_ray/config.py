@@ -1,364 +1,352 @@
-"""Frozen per-stage config dataclasses, loaded from YAML with dotted ``--set`` overrides."""
+"""Frozen per-stage config models (pydantic v2), loaded from YAML with dotted ``--set`` overrides."""
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Sequence, Union
+from typing import Annotated, Any, Callable, Literal, Sequence, TypeVar, Union
 
 import yaml
+from pydantic import (AfterValidator, AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
+                      StrictInt, StrictStr, ValidationError, model_validator)
+from pydantic.fields import FieldInfo
 
 from lpld_ray.errors import ConfigError
 
-BATCHING_MODES = ("class_wise", "across_classes")
-DATASETS = ("fashion_mnist", "digits", "image_folder")
-ARCHS = ("convnet", "resnet18", "resnet18_small", "resnet50")
-MIX_MODES = ("none", "cutmix", "cutout")
-OPTIMIZERS = ("adamw", "sgd")
-VIEW_SAMPLING = ("cycle", "uniform")
-IMAGE_SAMPLERS = ("global", "shard")
-IMAGE_SOURCES = ("synthetic", "real")
-PRECISIONS = ("fp32", "bf16")
-
+# One list per choice: the Literal type validates, the tuple is what other modules import.
+Arch = Literal["convnet", "resnet18", "resnet18_small", "resnet50"]
+Batching = Literal["class_wise", "across_classes"]
+Dataset = Literal["fashion_mnist", "digits", "image_folder"]
+MixMode = Literal["none", "cutmix", "cutout"]
+Optimizer = Literal["adamw", "sgd"]
+ViewSampling = Literal["cycle", "uniform"]
+ImageSampler = Literal["global", "shard"]
+ImageSource = Literal["synthetic", "real"]
+Precision = Literal["fp32", "bf16"]
+ARCHS: tuple[str, ...] = typing.get_args(Arch)
+BATCHING_MODES: tuple[str, ...] = typing.get_args(Batching)
+DATASETS: tuple[str, ...] = typing.get_args(Dataset)
+MIX_MODES: tuple[str, ...] = typing.get_args(MixMode)
+OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
+VIEW_SAMPLING: tuple[str, ...] = typing.get_args(ViewSampling)
+IMAGE_SAMPLERS: tuple[str, ...] = typing.get_args(ImageSampler)
+IMAGE_SOURCES: tuple[str, ...] = typing.get_args(ImageSource)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 
 # Keys whose values are credentials: never echoed in errors, run.yaml, logs or reports.
 SECRET_KEYS = frozenset({"storage.access_key_id", "storage.secret_access_key", "storage.session_token"})
 REDACTED = "<redacted>"
+SEED_LIMIT = 2**63  # seeds are 64-bit signed integers downstream (torch, numpy)
+
+
+def bad_value(key: str, value: Any, allowed: str) -> ConfigError:
+    """A one-line ConfigError naming the key, the bad value (credentials redacted) and what is allowed."""
+    shown = REDACTED if key in SECRET_KEYS else repr(value)
+    return ConfigError(f"bad value for '{key}': {shown} (allowed: {allowed})")
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    """Raise a one-line ConfigError naming the key, the bad value and what is allowed."""
+    """Raise ``bad_value(key, value, allowed)`` unless ``ok``."""
     if not ok:
-        shown = REDACTED if key in SECRET_KEYS else repr(value)
-        raise ConfigError(f"bad value for '{key}': {shown} (allowed: {allowed})")
+        raise bad_value(key, value, allowed)
 
 
-def require_choice(key: str, value: str, choices: Sequence[str]) -> None:
-    require(value in choices, key, value, "one of " + ", ".join(choices))
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a bool is not a number")
+    return value
 
 
-def require_range(key: str, pair: tuple[float, float], low: float, high: float) -> None:
+def _check_scale(pair: tuple[float, float]) -> tuple[float, float]:
     lo, hi = pair
-    require(low <= lo <= hi <= high and hi > 0, key, list(pair), f"[lo, hi] with {low} <= lo <= hi <= {high}")
+    if not (0.0 <= lo <= hi <= 1.0 and hi > 0):
+        raise ValueError("crop scale out of range")
+    return pair
 
 
-@dataclass(frozen=True)
-class DataConfig:
+def _null_or(ok: Callable[[str], bool]) -> AfterValidator:
+    """Accept null, or a string for which ``ok`` holds."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and not ok(value):
+            raise ValueError("value not allowed")
+        return value
+
+    return AfterValidator(check)
+
+
+# Ints are strict (no bool, no "3", no 3.0); numbers take ints and numeric strings but not bools, nan or inf.
+Int = StrictInt
+Num = Annotated[float, BeforeValidator(_not_bool), AllowInfNan(False)]
+Unit = Annotated[Num, Field(ge=0, lt=1)]
+Scale = Annotated[tuple[Num, Num], AfterValidator(_check_scale)]
+SCALE_ALLOWED = "[lo, hi] with 0.0 <= lo <= hi <= 1.0"
+WORKER_FAILURES = "an integer >= 0 (worker failures Ray Train recovers from)"
+
+
+class _Model(BaseModel):
+    """Frozen, no unknown keys; a bad value raises a one-line ConfigError."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise _config_error(err, type(self), data) from None
+
+
+class DataConfig(_Model):
     """Which real dataset to read, and how much of it."""
 
-    name: str = "fashion_mnist"
-    root: str = "/usr/share/datasets/fashion-mnist"
-    num_classes: int | None = None
-    train_per_class: int | None = None
-    image_size: int = 28
-
-    def __post_init__(self) -> None:
-        require_choice("data.name", self.name, DATASETS)
-        require(self.num_classes is None or self.num_classes >= 2, "data.num_classes", self.num_classes, "null or an integer >= 2")
-        require(self.train_per_class is None or self.train_per_class >= 1, "data.train_per_class", self.train_per_class, "null or an integer >= 1")
-        require(self.image_size >= 8, "data.image_size", self.image_size, "an integer >= 8")
+    name: Dataset = "fashion_mnist"
+    root: StrictStr = "/usr/share/datasets/fashion-mnist"
+    num_classes: Int | None = Field(None, ge=2)
+    train_per_class: Int | None = Field(None, ge=1)
+    image_size: Int = Field(28, ge=8)
 
 
-@dataclass(frozen=True)
-class TeacherConfig:
+class TeacherConfig(_Model):
     """The teacher: given weights, or trained with Ray Train (SGD, one-cycle)."""
 
-    arch: str = "convnet"
-    weights: str | None = None
-    epochs: int = 4
-    batch_size: int = 256
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    num_workers: int = 1
-    cpus_per_worker: int = 2
-    eval_every: int = 4  # test top-1 every this many epochs and at the last
-    checkpoint_every: int = 1  # a killed teacher resumes from its last checkpoint
-    checkpoints_to_keep: int = 2
-    max_failures: int = 3
-
-    def __post_init__(self) -> None:
-        require_choice("teacher.arch", self.arch, ARCHS)
-        require(self.eval_every >= 1, "teacher.eval_every", self.eval_every, "an integer >= 1")
-        require(self.checkpoint_every >= 1, "teacher.checkpoint_every", self.checkpoint_every, "an integer >= 1")
-        require(self.checkpoints_to_keep >= 1, "teacher.checkpoints_to_keep", self.checkpoints_to_keep, "an integer >= 1")
-        require(self.max_failures >= 0, "teacher.max_failures", self.max_failures, "an integer >= 0 (worker failures Ray Train recovers from)")
-        require(self.weights is None or bool(self.weights.strip()), "teacher.weights", self.weights, "null or a path/URI")
-        require(self.epochs >= 1, "teacher.epochs", self.epochs, "an integer >= 1")
-        require(self.batch_size >= 1, "teacher.batch_size", self.batch_size, "an integer >= 1")
-        require(self.lr > 0, "teacher.lr", self.lr, "a number > 0")
-        require(self.weight_decay >= 0, "teacher.weight_decay", self.weight_decay, "a number >= 0")
-        require(self.num_workers >= 1, "teacher.num_workers", self.num_workers, "an integer >= 1")
-        require(self.cpus_per_worker >= 1, "teacher.cpus_per_worker", self.cpus_per_worker, "an integer >= 1")
+    arch: Arch = "convnet"
+    weights: Annotated[StrictStr | None, _null_or(str.strip)] = Field(None, description="null or a path/URI")
+    epochs: Int = Field(4, ge=1)
+    batch_size: Int = Field(256, ge=1)
+    lr: Num = Field(0.1, gt=0)
+    weight_decay: Num = Field(5e-4, ge=0)
+    num_workers: Int = Field(1, ge=1)
+    cpus_per_worker: Int = Field(2, ge=1)
+    eval_every: Int = Field(4, ge=1)  # test top-1 every this many epochs and at the last
+    checkpoint_every: Int = Field(1, ge=1)  # a killed teacher resumes from its last checkpoint
+    checkpoints_to_keep: Int = Field(2, ge=1)
+    max_failures: Int = Field(3, ge=0, description=WORKER_FAILURES)
 
 
-@dataclass(frozen=True)
-class SqueezeConfig:
+class SqueezeConfig(_Model):
     """Class-wise BN statistics over the real training set."""
 
-    batch_size: int = 500
-    partitions: int = 2
-
-    def __post_init__(self) -> None:
-        require(self.batch_size >= 1, "squeeze.batch_size", self.batch_size, "an integer >= 1")
-        require(self.partitions >= 1, "squeeze.partitions", self.partitions, "an integer >= 1")
+    batch_size: Int = Field(500, ge=1)
+    partitions: Int = Field(2, ge=1)
 
 
-@dataclass(frozen=True)
-class RecoverConfig:
+class RecoverConfig(_Model):
     """Synthesis of IPC images per class against the teacher (LPLD or the SRe2L baseline)."""
 
-    ipc: int = 10
-    iterations: int = 1000
-    lr: float = 0.25
-    betas: tuple[float, float] = (0.5, 0.9)
-    r_bn: float = 0.01
-    first_bn_multiplier: float = 10.0
-    jitter: int = 4
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    flip: bool = True
-    batching: str = "class_wise"
-    classes_per_pass: int = 1
-    source: str = "synthetic"
-    precision: str = "fp32"
-
-    def __post_init__(self) -> None:
-        require_choice("recover.source", self.source, IMAGE_SOURCES)
-        require_choice("recover.precision", self.precision, PRECISIONS)
-        require(self.ipc >= 1, "recover.ipc", self.ipc, "an integer >= 1")
-        require(self.iterations >= 1, "recover.iterations", self.iterations, "an integer >= 1")
-        require(self.lr > 0, "recover.lr", self.lr, "a number > 0")
-        require(all(0 <= b < 1 for b in self.betas), "recover.betas", list(self.betas), "two numbers in [0, 1)")
-        require(self.r_bn >= 0, "recover.r_bn", self.r_bn, "a number >= 0")
-        require(self.first_bn_multiplier >= 0, "recover.first_bn_multiplier", self.first_bn_multiplier, "a number >= 0")
-        require(self.jitter >= 0, "recover.jitter", self.jitter, "an integer >= 0")
-        require_range("recover.crop_scale", self.crop_scale, 0.0, 1.0)
-        require_choice("recover.batching", self.batching, BATCHING_MODES)
-        require(self.classes_per_pass >= 1, "recover.classes_per_pass", self.classes_per_pass, "an integer >= 1")
+    ipc: Int = Field(10, ge=1)
+    iterations: Int = Field(1000, ge=1)
+    lr: Num = Field(0.25, gt=0)
+    betas: tuple[Unit, Unit] = Field((0.5, 0.9), description="two numbers in [0, 1)")
+    r_bn: Num = Field(0.01, ge=0)
+    first_bn_multiplier: Num = Field(10.0, ge=0)
+    jitter: Int = Field(4, ge=0)
+    crop_scale: Scale = Field((0.08, 1.0), description=SCALE_ALLOWED)
+    flip: StrictBool = True
+    batching: Batching = "class_wise"
+    classes_per_pass: Int = Field(1, ge=1)
+    source: ImageSource = "synthetic"
+    precision: Precision = "fp32"
 
 
-@dataclass(frozen=True)
-class RelabelConfig:
+class RelabelConfig(_Model):
     """The pruned label pool: E epochs of views, 1/k of them kept, teacher output stored as fp16."""
 
-    epochs: int = 300
-    compression: float = 1.0
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    flip: bool = True
-    mix: str = "cutmix"
-    cutmix_beta: float = 1.0
-    cutout_fraction: float = 0.5
-    batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        require(self.epochs >= 1, "relabel.epochs", self.epochs, "an integer >= 1")
-        require(self.compression >= 1, "relabel.compression", self.compression, "a number >= 1 (1 keeps every view, 40 keeps 1 in 40)")
-        require_range("relabel.crop_scale", self.crop_scale, 0.0, 1.0)
-        require_choice("relabel.mix", self.mix, MIX_MODES)
-        require(self.cutmix_beta > 0, "relabel.cutmix_beta", self.cutmix_beta, "a number > 0")
-        require(0 < self.cutout_fraction <= 1, "relabel.cutout_fraction", self.cutout_fraction, "a number in (0, 1]")
-        require(self.batch_size >= 1, "relabel.batch_size", self.batch_size, "an integer >= 1")
+    epochs: Int = Field(300, ge=1)
+    compression: Num = Field(1.0, ge=1, description="a number >= 1 (1 keeps every view, 40 keeps 1 in 40)")
+    crop_scale: Scale = Field((0.08, 1.0), description=SCALE_ALLOWED)
+    flip: StrictBool = True
+    mix: MixMode = "cutmix"
+    cutmix_beta: Num = Field(1.0, gt=0)
+    cutout_fraction: Num = Field(0.5, gt=0, le=1)
+    batch_size: Int = Field(256, ge=1)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Model):
     """The student: KD on the label pool with Ray Train."""
 
-    arch: str = "convnet"
-    epochs: int = 300
-    batch_size: int = 50
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    warmup_epochs: int = 0
-    temperature: float = 4.0
-    label_smoothing: float = 0.0
-    view_sampling: str = "cycle"
-    sampler: str = "global"  # shard: whole label shards per rank and epoch, so a rank reads N/W records, not N
-    eval_every: int = 50
-    checkpoint_every: int = 25
-    checkpoints_to_keep: int = 2  # Ray Train CheckpointConfig(num_to_keep)
-    num_workers: int = 1
-    cpus_per_worker: int = 2
-    max_failures: int = 3
-    loader_workers: int = 0  # DataLoader processes per Ray Train worker
-    image_cache_mb: int = 1024  # decoded images a training worker keeps between epochs
+    arch: Arch = "convnet"
+    epochs: Int = Field(300, ge=1)
+    batch_size: Int = Field(50, ge=1)
+    optimizer: Optimizer = "adamw"
+    lr: Num = Field(1e-3, gt=0)
+    weight_decay: Num = Field(0.01, ge=0)
+    momentum: Num = Field(0.9, ge=0, lt=1)
+    warmup_epochs: Int = Field(0, ge=0, description="an integer in [0, train.epochs)")
+    temperature: Num = Field(4.0, gt=0)
+    label_smoothing: Num = Field(0.0, ge=0, lt=1)
+    view_sampling: ViewSampling = "cycle"
+    sampler: ImageSampler = "global"  # shard: whole label shards per rank and epoch, so a rank reads N/W records, not N
+    eval_every: Int = Field(50, ge=1)
+    checkpoint_every: Int = Field(25, ge=1)
+    checkpoints_to_keep: Int = Field(2, ge=1)  # Ray Train CheckpointConfig(num_to_keep)
+    num_workers: Int = Field(1, ge=1)
+    cpus_per_worker: Int = Field(2, ge=1)
+    max_failures: Int = Field(3, ge=0, description=WORKER_FAILURES)
+    loader_workers: Int = Field(0, ge=0)  # DataLoader processes per Ray Train worker
+    image_cache_mb: Int = Field(1024, ge=0, description="an integer >= 0 (MiB)")  # decoded images kept between epochs
 
-    def __post_init__(self) -> None:
-        require_choice("train.arch", self.arch, ARCHS)
-        require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
-        require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
-        require_choice("train.optimizer", self.optimizer, OPTIMIZERS)
-        require(self.lr > 0, "train.lr", self.lr, "a number > 0")
-        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
-        require(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
-        require(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", self.warmup_epochs, "an integer in [0, train.epochs)")
-        require(self.temperature > 0, "train.temperature", self.temperature, "a number > 0")
-        require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
-        require_choice("train.view_sampling", self.view_sampling, VIEW_SAMPLING)
-        require_choice("train.sampler", self.sampler, IMAGE_SAMPLERS)
-        require(self.eval_every >= 1, "train.eval_every", self.eval_every, "an integer >= 1")
-        require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "an integer >= 1")
-        require(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", self.checkpoints_to_keep, "an integer >= 1")
-        require(self.num_workers >= 1, "train.num_workers", self.num_workers, "an integer >= 1")
-        require(self.cpus_per_worker >= 1, "train.cpus_per_worker", self.cpus_per_worker, "an integer >= 1")
-        require(self.max_failures >= 0, "train.max_failures", self.max_failures, "an integer >= 0 (worker failures Ray Train recovers from)")
-        require(self.loader_workers >= 0, "train.loader_workers", self.loader_workers, "an integer >= 0")
-        require(self.image_cache_mb >= 0, "train.image_cache_mb", self.image_cache_mb, "an integer >= 0 (MiB)")
+    @model_validator(mode="after")
+    def _warmup_before_end(self) -> TrainConfig:
+        require(self.warmup_epochs < self.epochs, "train.warmup_epochs", self.warmup_epochs, "an integer in [0, train.epochs)")
+        return self
 
 
-@dataclass(frozen=True)
-class RunnerConfig:
+class RunnerConfig(_Model):
     """How class shards are spread over Ray actors."""
 
-    class_shard_size: int = 1
-    num_workers: int = 0
-    cpus_per_worker: int = 1
-    max_shard_retries: int = 2
-    progress_every_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        require(self.class_shard_size >= 1, "runner.class_shard_size", self.class_shard_size, "an integer >= 1")
-        require(self.num_workers >= 0, "runner.num_workers", self.num_workers, "0 (as many as the cluster allows) or more")
-        require(self.cpus_per_worker >= 1, "runner.cpus_per_worker", self.cpus_per_worker, "an integer >= 1")
-        require(self.max_shard_retries >= 0, "runner.max_shard_retries", self.max_shard_retries, "an integer >= 0")
-        require(self.progress_every_s > 0, "runner.progress_every_s", self.progress_every_s, "a number > 0")
+    class_shard_size: Int = Field(1, ge=1)
+    num_workers: Int = Field(0, ge=0, description="0 (as many as the cluster allows) or more")
+    cpus_per_worker: Int = Field(1, ge=1)
+    max_shard_retries: Int = Field(2, ge=0)
+    progress_every_s: Num = Field(10.0, gt=0)
 
 
-@dataclass(frozen=True)
-class StorageConfig:
+class StorageConfig(_Model):
     """Object-store options for s3:// run directories (else the usual AWS_* environment variables)."""
 
-    endpoint_url: str | None = None
-    region: str | None = None
-    access_key_id: str | None = field(default=None, repr=False)
-    secret_access_key: str | None = field(default=None, repr=False)
-    session_token: str | None = field(default=None, repr=False)
-    retries: int = 5
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
-    lease_timeout_s: float = 120.0
-    lease_refresh_s: float = 20.0
+    endpoint_url: Annotated[StrictStr | None, _null_or(lambda v: "://" in v)] = Field(
+        None, description="null or a URL such as http://127.0.0.1:9000")
+    region: StrictStr | None = None
+    access_key_id: StrictStr | None = Field(None, repr=False, description="a string")
+    secret_access_key: StrictStr | None = Field(None, repr=False, description="a string")
+    session_token: StrictStr | None = Field(None, repr=False, description="a string")
+    retries: Int = Field(5, ge=1, le=20)
+    connect_timeout_s: Num = Field(10.0, gt=0)
+    read_timeout_s: Num = Field(60.0, gt=0)
+    lease_timeout_s: Num = Field(120.0, gt=0)
+    lease_refresh_s: Num = Field(20.0, gt=0, description="a number > 0 and at most half of storage.lease_timeout_s")
 
-    def __post_init__(self) -> None:
-        require(self.endpoint_url is None or "://" in self.endpoint_url, "storage.endpoint_url", self.endpoint_url,
-                "null or a URL such as http://127.0.0.1:9000")
+    @model_validator(mode="after")
+    def _pairs(self) -> StorageConfig:
         require((self.access_key_id is None) == (self.secret_access_key is None), "storage.secret_access_key",
                 self.secret_access_key, "set together with storage.access_key_id, or both null")
-        require(1 <= self.retries <= 20, "storage.retries", self.retries, "an integer in [1, 20]")
-        require(self.connect_timeout_s > 0, "storage.connect_timeout_s", self.connect_timeout_s, "a number > 0")
-        require(self.read_timeout_s > 0, "storage.read_timeout_s", self.read_timeout_s, "a number > 0")
-        require(self.lease_timeout_s > 0, "storage.lease_timeout_s", self.lease_timeout_s, "a number > 0")
-        require(0 < self.lease_refresh_s <= self.lease_timeout_s / 2, "storage.lease_refresh_s", self.lease_refresh_s,
+        require(self.lease_refresh_s <= self.lease_timeout_s / 2, "storage.lease_refresh_s", self.lease_refresh_s,
                 "a number > 0 and at most half of storage.lease_timeout_s")
+        return self
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(_Model):
     """A whole run: one section per stage."""
 
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
-    recover: RecoverConfig = field(default_factory=RecoverConfig)
-    relabel: RelabelConfig = field(default_factory=RelabelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    runner: RunnerConfig = field(default_factory=RunnerConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
+    seed: Int = Field(0, ge=0, lt=SEED_LIMIT, description="an integer in [0, 2**63)")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    squeeze: SqueezeConfig = Field(default_factory=SqueezeConfig)
+    recover: RecoverConfig = Field(default_factory=RecoverConfig)
+    relabel: RelabelConfig = Field(default_factory=RelabelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
-    def __post_init__(self) -> None:
-        require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
 
+# The dotted prefix of each section class when it is built on its own.
+_SECTION_OF: dict[type, str] = {f.annotation: name for name, f in Config.model_fields.items() if name != "seed"}
 
 # Keys whose change does not change any result: a run may resume across them.
-RESUME_NEUTRAL_KEYS = frozenset(
-    {
-        "runner.num_workers",
-        "runner.cpus_per_worker",
-        "runner.max_shard_retries",
-        "runner.progress_every_s",
-        "teacher.cpus_per_worker",
-        "teacher.eval_every",
-        "teacher.checkpoint_every",
-        "teacher.checkpoints_to_keep",
-        "teacher.max_failures",
-        "train.checkpoints_to_keep",
-        "squeeze.batch_size",
-        "squeeze.partitions",
-        "recover.classes_per_pass",
-        "relabel.batch_size",
-        "train.eval_every",
-        "train.checkpoint_every",
-        "train.cpus_per_worker",
-        "train.max_failures",
-        "train.loader_workers",
-        "train.image_cache_mb",
-    }
-)
+RESUME_NEUTRAL_KEYS = frozenset({
+    "runner.num_workers", "runner.cpus_per_worker", "runner.max_shard_retries", "runner.progress_every_s",
+    "teacher.cpus_per_worker", "teacher.eval_every", "teacher.checkpoint_every", "teacher.checkpoints_to_keep",
+    "teacher.max_failures", "squeeze.batch_size", "squeeze.partitions", "recover.classes_per_pass", "relabel.batch_size",
+    "train.eval_every", "train.checkpoint_every", "train.checkpoints_to_keep", "train.cpus_per_worker",
+    "train.max_failures", "train.loader_workers", "train.image_cache_mb",
+})
 # Where and how the run is stored does not change its results.
 RESUME_NEUTRAL_SECTIONS = ("storage.",)
 
+_BASE_TEXT = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_BOUND_OPS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
+
+def _num(x: Any) -> str:
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp`` (int, float, str, bool, tuple, Optional)."""
-    origin = typing.get_origin(tp)
+def _bounds_text(metadata: Sequence[Any]) -> str:
+    """' >= 1', ' > 0', ' in [0, 1)' ... from annotated_types bounds."""
+    b = {k: getattr(m, k) for m in metadata for k, _ in _BOUND_OPS if getattr(m, k, None) is not None}
+    low, high = [k for k in ("ge", "gt") if k in b], [k for k in ("le", "lt") if k in b]
+    if low and high:
+        left, right = "[" if low[0] == "ge" else "(", "]" if high[0] == "le" else ")"
+        return f" in {left}{_num(b[low[0]])}, {_num(b[high[0]])}{right}"
+    return "".join(f" {op} {_num(b[k])}" for k, op in _BOUND_OPS if k in b)
+
+
+def _describe(tp: Any, metadata: Sequence[Any]) -> str:
+    """What a value of annotation ``tp`` with constraints ``metadata`` may be, in words."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is Annotated:
+        return _describe(args[0], [*metadata, *tp.__metadata__])
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        return ("null or " if len(inner) < len(args) else "") + " or ".join(_describe(a, metadata) for a in inner)
     if origin is tuple:
-        args = typing.get_args(tp)
-        ok = isinstance(value, (list, tuple)) and len(value) == len(args)
-        require(ok, key, value, f"a list of {len(args)} values")
-        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        require(isinstance(value, bool), key, value, "true or false")
-        return value
-    if tp is int:
-        require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        require(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
-        return float(value)
-    if tp is str:
-        require(isinstance(value, str), key, value, "a string")
-        return value
-    raise TypeError(f"unsupported config type {_type_name(tp)} for {key}")
+        return f"a list of {len(args)} values"
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "a mapping of keys to values"
+    return _BASE_TEXT.get(tp, "a value") + _bounds_text(metadata)
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    """Build dataclass ``cls`` from a dict, rejecting unknown keys by their dotted name."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            where = f"section '{prefix[:-1]}'" if prefix else "the top level"
-            raise ConfigError(f"unknown config key '{prefix}{key}' (allowed in {where}: {', '.join(names)})")
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        key, tp, value = prefix + name, hints[name], data[name]
-        if dataclasses.is_dataclass(tp):
-            require(isinstance(value, dict), key, value, "a mapping of keys to values")
-            kwargs[name] = _build(tp, value, key + ".")
-        else:
-            kwargs[name] = _coerce(key, value, tp)
-    return cls(**kwargs)
+def _allowed(field: FieldInfo) -> str:
+    return field.description or _describe(field.annotation, field.metadata)
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    try:
+        return not math.isfinite(float(value))
+    except (ValueError, OverflowError):
+        return False
+
+
+def _finite_text(allowed: str) -> str:
+    return allowed.replace("number", "finite number", 1) if "number" in allowed else f"finite numbers, {allowed}"
+
+
+def _config_error(err: ValidationError, model: type[BaseModel], data: Any) -> ConfigError:
+    """The first error (unknown keys first) as one line: the dotted key, the value and what is allowed."""
+    errors = err.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    section = _SECTION_OF.get(model)
+    path, owner, field = ([section] if section else []), model, None
+    for part in first["loc"]:  # stops at a leaf field: tuple indexes and union tags are not keys
+        if owner is None or not isinstance(part, str) or part not in owner.model_fields:
+            break
+        path.append(part)
+        field = owner.model_fields[part]
+        ann = field.annotation
+        owner = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if first["type"] == "extra_forbidden":
+        where = f"section '{'.'.join(path)}'" if path else "the top level"
+        names = ", ".join((owner or model).model_fields)
+        return ConfigError(f"unknown config key '{'.'.join([*path, str(first['loc'][-1])])}' (allowed in {where}: {names})")
+    if field is None:
+        return ConfigError(f"bad config: {first['msg']} (allowed: a mapping of sections)")
+    key, value = ".".join(path), _lookup(data, path[1:] if section else path, first["input"])
+    allowed = _allowed(field)
+    if first["type"] == "finite_number" or _non_finite(first["input"]):
+        allowed = _finite_text(allowed)
+    return bad_value(key, value, allowed)
+
+
+def _lookup(data: Any, parts: Sequence[str], default: Any) -> Any:
+    """The value the user gave at ``parts`` (the whole pair, not the bad element of it)."""
+    for part in parts:
+        if not isinstance(data, dict) or part not in data:
+            return default
+        data = data[part]
+    return data
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def replace(model: M, **changes: Any) -> M:
+    """A validated copy of a config or section with some fields changed (like dataclasses.replace)."""
+    return type(model)(**{**dict(model), **changes})
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
@@ -399,10 +387,15 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
     """A validated Config from a nested dict (a parsed YAML file or a run record)."""
-    return _build(Config, tree, "")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"bad config: {type(tree).__name__} (allowed: a mapping of sections)")
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise _config_error(err, Config, tree) from None
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) for YAML and comparison."""
 
     def plain(v: Any) -> Any:
@@ -412,7 +405,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return [plain(x) for x in v]
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(cfg.model_dump())
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

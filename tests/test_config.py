@@ -1,14 +1,20 @@
 """Config loading: precedence defaults < YAML < --set, and one-line errors for bad keys and values."""
 
-import dataclasses
+import pickle
 
 import pytest
+from pydantic import ValidationError
 
 from lpld_ray.config import (
+    ARCHS,
     Config,
     RecoverConfig,
+    StorageConfig,
+    TrainConfig,
+    config_from_dict,
     config_to_dict,
     load_config,
+    replace,
     result_key_diff,
 )
 from lpld_ray.errors import ConfigError
@@ -33,8 +39,11 @@ def test_precedence_defaults_yaml_set(tmp_path):
 
 def test_sections_are_frozen():
     cfg = load_config(None)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.recover.ipc = 3  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.seed = 4  # type: ignore[misc]
+    assert cfg.recover.ipc == 10 and cfg.seed == 0
 
 
 def test_float_override_accepts_exponent():
@@ -139,3 +148,104 @@ def test_a_run_recorded_before_a_key_existed_resumes_when_the_key_keeps_its_defa
     assert check_run_record(store, load_config(None))
     with pytest.raises(LpldError, match="different config in recover.precision"):
         check_run_record(store, load_config(None, ["recover.precision=bf16"]))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("recover.lr=nan", "bad value for 'recover.lr': 'nan' (allowed: a finite number > 0)"),
+        ("recover.lr=.inf", "bad value for 'recover.lr': inf (allowed: a finite number > 0)"),
+        ("recover.r_bn=inf", "bad value for 'recover.r_bn': 'inf' (allowed: a finite number >= 0)"),
+        ("runner.progress_every_s=-.inf", "bad value for 'runner.progress_every_s': -inf (allowed: a finite number > 0)"),
+        ("storage.read_timeout_s=.nan", "bad value for 'storage.read_timeout_s': nan (allowed: a finite number > 0)"),
+        ("relabel.crop_scale=[.nan, 1.0]", "bad value for 'relabel.crop_scale': [nan, 1.0] (allowed: finite numbers, "
+                                           "[lo, hi] with 0.0 <= lo <= hi <= 1.0)"),
+        ("recover.betas=[0.5, .inf]", "bad value for 'recover.betas': [0.5, inf] (allowed: two finite numbers in [0, 1))"),
+    ],
+)
+def test_non_finite_numbers_are_refused(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value) == message
+
+
+def test_seed_must_fit_in_64_bits():
+    assert load_config(None, [f"seed={2**63 - 1}"]).seed == 2**63 - 1
+    for bad in (2**63, 2**70, -1):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [f"seed={bad}"])
+        assert str(info.value) == f"bad value for 'seed': {bad} (allowed: an integer in [0, 2**63))"
+
+
+def test_unknown_keys_are_refused_with_the_allowed_names():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.lr=0.1", "train.lrr=0.1"])
+    assert str(info.value).startswith("unknown config key 'train.lrr' (allowed in section 'train': arch, epochs, ")
+    with pytest.raises(ConfigError, match=r"unknown config key 'colour' \(allowed in the top level: seed, data, "):
+        config_from_dict({"colour": "red"})
+    with pytest.raises(ConfigError, match=r"unknown config key 'storage.bucket' \(allowed in section 'storage': "):
+        StorageConfig(bucket="x")  # a section built on its own names its dotted key too
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("recover.ipc=true", "bad value for 'recover.ipc': True (allowed: an integer >= 1)"),
+        ("recover.ipc='3'", "bad value for 'recover.ipc': '3' (allowed: an integer >= 1)"),
+        ("recover.ipc=3.0", "bad value for 'recover.ipc': 3.0 (allowed: an integer >= 1)"),
+        ("recover.lr=true", "bad value for 'recover.lr': True (allowed: a number > 0)"),
+        ("recover.flip=1", "bad value for 'recover.flip': 1 (allowed: true or false)"),
+        ("data.num_classes=1", "bad value for 'data.num_classes': 1 (allowed: null or an integer >= 2)"),
+        ("train.momentum=1", "bad value for 'train.momentum': 1 (allowed: a number in [0, 1))"),
+        ("relabel.cutout_fraction=0", "bad value for 'relabel.cutout_fraction': 0 (allowed: a number in (0, 1])"),
+        ("storage.retries=21", "bad value for 'storage.retries': 21 (allowed: an integer in [1, 20])"),
+        ("train.warmup_epochs=300", "bad value for 'train.warmup_epochs': 300 (allowed: an integer in [0, train.epochs))"),
+        ("recover.crop_scale=[0.5]", "bad value for 'recover.crop_scale': [0.5] (allowed: [lo, hi] with 0.0 <= lo <= hi <= 1.0)"),
+        ("teacher.weights=' '", "bad value for 'teacher.weights': ' ' (allowed: null or a path/URI)"),
+    ],
+)
+def test_strict_types_and_bounds_give_exact_messages(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value) == message
+
+
+def test_numbers_take_ints_and_numeric_strings():
+    cfg = load_config(None, ["relabel.compression=40", "recover.lr='0.5'", "recover.crop_scale=[0, 1]"])
+    assert cfg.relabel.compression == 40.0 and isinstance(cfg.relabel.compression, float)
+    assert cfg.recover.lr == 0.5 and cfg.recover.crop_scale == (0.0, 1.0)
+
+
+def test_sections_built_directly_validate_pickle_and_hash():
+    with pytest.raises(ConfigError, match=r"^bad value for 'train.epochs': 0 \(allowed: an integer >= 1\)$"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="at most half of storage.lease_timeout_s"):
+        StorageConfig(lease_timeout_s=10.0, lease_refresh_s=6.0)
+    cfg = load_config(None, ["recover.ipc=3", "storage.access_key_id=AKID", "storage.secret_access_key=s3cret"])
+    back = pickle.loads(pickle.dumps(cfg))
+    assert back == cfg and hash(back) == hash(cfg) and back.storage.secret_access_key == "s3cret"
+    assert back != load_config(None) and {cfg.recover: 1}[RecoverConfig(ipc=3)] == 1
+
+
+def test_replace_validates_like_construction():
+    cfg = RecoverConfig()
+    assert replace(cfg, iterations=20).iterations == 20 and cfg.iterations == 1000
+    with pytest.raises(ConfigError, match="'recover.iterations': 0"):
+        replace(cfg, iterations=0)
+
+
+def test_config_to_dict_round_trips_with_lists_for_pairs():
+    cfg = load_config(None, ["recover.crop_scale=[0.3, 0.9]", "relabel.compression=40"])
+    tree = config_to_dict(cfg)
+    assert tree["recover"]["crop_scale"] == [0.3, 0.9] and tree["recover"]["betas"] == [0.5, 0.9]
+    assert tree["relabel"]["compression"] == 40.0 and list(tree) == list(Config.model_fields)
+    assert config_from_dict(tree) == cfg
+
+
+def test_one_arch_list():
+    from lpld_ray.method import models
+
+    assert models.ARCHS is ARCHS
+    assert ARCHS == ("convnet", "resnet18", "resnet18_small", "resnet50")
+    for arch in ARCHS:
+        assert load_config(None, [f"train.arch={arch}"]).train.arch == arch

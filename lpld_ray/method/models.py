@@ -10,11 +10,11 @@ import torch
 import torchvision
 from torch import nn
 
+from lpld_ray.config import ARCHS
 from lpld_ray.errors import ModelError, StorageError
 
 log = logging.getLogger(__name__)
 
-ARCHS: tuple[str, ...] = ("convnet", "resnet18", "resnet18_small", "resnet50")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 
 
