@@ -7,10 +7,9 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from lpld_ray.config import load_config
+from lpld_ray.config import load_config, replace
 from lpld_ray.distributed.driver import run_pipeline
 from lpld_ray.machine import describe_machine
 from lpld_ray.store.manifest import copy_stage

@@ -8,8 +8,19 @@ import typing
 from typing import Annotated, Any, Callable, Literal, Sequence, TypeVar, Union
 
 import yaml
-from pydantic import (AfterValidator, AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
-                      StrictInt, StrictStr, ValidationError, model_validator)
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from lpld_ray.errors import ConfigError

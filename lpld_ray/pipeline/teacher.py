@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -40,7 +39,7 @@ RUN_KEY_FIELDS = ("arch", "epochs", "batch_size", "lr", "weight_decay")  # of th
 def teacher_run_key(data: DataConfig, teacher: TeacherConfig, seed: int) -> str:
     """sha256 of what a trained teacher is made from (the data section, the seed, its schedule): the same key
     names the same Ray Train run, so a killed teacher resumes from its checkpoints; other inputs start afresh."""
-    doc = {"data": dataclasses.asdict(data), "seed": seed,
+    doc = {"data": data.model_dump(), "seed": seed,
            "teacher": {k: getattr(teacher, k) for k in RUN_KEY_FIELDS}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
