@@ -18,6 +18,7 @@ FORBIDDEN = {
     "data": ("lpld_ray.pipeline", "lpld_ray.distributed", "lpld_ray.cli", "ray"),
     "pipeline": ("lpld_ray.distributed", "lpld_ray.cli", "ray"),
     "config.py": ("lpld_ray.method", *INNER, "ray", *OBJECT_STORES),
+    "config_errors.py": ("lpld_ray.method", *INNER, "ray", *OBJECT_STORES),
 }
 
 
