@@ -38,6 +38,7 @@ class DatasetShape:
 @dataclass(frozen=True)
 class PeakMemory:
     """fp32 bytes one worker holds at its peak: weights (+ grads and Adam state where trained) and activations."""
+
     recover: int
     relabel: int
     train: int
@@ -88,6 +89,7 @@ def image_bytes(num_images: int, channels: int, size: int) -> int:
 @dataclass(frozen=True)
 class LoaderMemory:
     """The label-pool loader's bound per training worker (lpld_ray.data.pool): nothing in it grows with E/k but the index."""
+
     index: int  # per image: id, shard, first row, view count, epoch slot (36 B); per stored view: its row (4 B)
     epoch_records: int  # this rank's N/W records of one epoch
     image_cache: int  # train.image_cache_mb

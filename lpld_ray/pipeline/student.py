@@ -49,6 +49,7 @@ def image_sampler(pool: LabelPool, kind: str, world: int, rank: int, seed: int):
 @dataclass(frozen=True)
 class StudentJob:
     """One Ray Train run of the student (a TrainTask): its sections, the run root, the seed and what it learns from."""
+
     label: ClassVar[str] = "student"
 
     data: DataConfig
@@ -71,7 +72,6 @@ class StudentJob:
 
     def setup(self, rank: int, world: int) -> TrainSetup:
         """This rank's part of the label pool per epoch, the real test set, the model and the KD loss."""
-
         cfg = self.train
         test_set = load_dataset(self.data, "test", self.data_options)
         spec = test_set.spec
@@ -94,7 +94,6 @@ class StudentJob:
 
     def commit(self, model: nn.Module, test_top1: float, resumed_from: int, seconds: float) -> None:
         """The train/model shard: the weights, then the manifest with the last test top-1 and the inputs."""
-
         writer = ShardWriter(self.store, STUDENT_STAGE, STUDENT_SHARD)
         writer.put(STUDENT_OBJECT, save_weights_bytes(model))
         writer.commit(self.seed, {"arch": self.train.arch, "epochs": self.train.epochs, "resumed_from": resumed_from,

@@ -47,6 +47,7 @@ def teacher_run_key(data: DataConfig, teacher: TeacherConfig, seed: int) -> str:
 @dataclass(frozen=True)
 class TeacherJob:
     """One Ray Train run of the teacher (a TrainTask): its sections, the run root and the seed."""
+
     label: ClassVar[str] = "teacher"
 
     data: DataConfig
@@ -72,7 +73,6 @@ class TeacherJob:
 
     def setup(self, rank: int, world: int) -> TrainSetup:
         """The real train set split across ranks (a seeded shuffle per epoch), the test set, the model, CE loss."""
-
         train_set = load_dataset(self.data, "train", self.data_options)
         test_set = load_dataset(self.data, "test", self.data_options)
         spec = train_set.spec
@@ -93,7 +93,6 @@ class TeacherJob:
 
     def commit(self, model: nn.Module, test_top1: float, resumed_from: int, seconds: float) -> None:
         """The teacher/model shard: the weights, then the manifest with the last test top-1."""
-
         writer = ShardWriter(self.store, TEACHER_STAGE, TEACHER_SHARD)
         writer.put(TEACHER_OBJECT, save_weights_bytes(model))
         writer.commit(self.seed, {"arch": self.teacher.arch, "test_top1": test_top1, "epochs": self.teacher.epochs,

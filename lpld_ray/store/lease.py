@@ -153,7 +153,6 @@ class RunLease:
 
     def keep_fresh(self, on_lost: Callable[[str], None]) -> None:
         """Refresh every ``lease_refresh_s`` from a daemon thread; ``on_lost(job)`` when another job took the run."""
-
         def loop() -> None:
             while not self._stop.wait(self.cfg.lease_refresh_s):
                 try:

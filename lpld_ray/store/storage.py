@@ -345,7 +345,6 @@ class Store:
 
     def pyarrow_fs(self) -> tuple["pyarrow.fs.FileSystem", str]:
         """(filesystem, root path inside it), e.g. for Ray Train's storage_filesystem/storage_path."""
-
         if self._local:
             return pafs.LocalFileSystem(), self._base
         return pafs.PyFileSystem(pafs.FSSpecHandler(self._fs)), self._base
