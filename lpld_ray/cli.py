@@ -32,7 +32,7 @@ log = logging.getLogger("lpld_ray")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="LPLD dataset distillation on Ray.")
     parser.add_argument("--config", help="YAML preset (default: built-in Fashion-MNIST defaults)")
-    parser.add_argument("--run-dir", default="runs/default", help="run root: a path, file://, s3://, gs:// or memory:// URI")
+    parser.add_argument("--run-dir", default="runs/default", help="run root: a path, or a file://, s3:// or gs:// URI")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. recover.iterations=4000 (repeatable)")
     parser.add_argument("--stages", default=",".join(STAGE_NAMES), help=f"comma-separated subset of {','.join(STAGE_NAMES)}")
@@ -53,8 +53,18 @@ def parse_stages(text: str) -> list[str]:
     return stages
 
 
+def check_run_dir(run_dir: str) -> None:
+    """A run directory every Ray process can reach: not empty (that would be the current folder), not memory://."""
+    if not run_dir.strip():
+        raise LpldError("--run-dir is empty (allowed: a path, or a file://, s3:// or gs:// URI)")
+    if run_dir.startswith("memory://"):
+        raise LpldError(f"--run-dir '{run_dir}': a memory:// store lives in one process, and the stages run in Ray "
+                        "workers (allowed: a path, or a file://, s3:// or gs:// URI)")
+
+
 def preflight(cfg: Config, run_dir: str) -> tuple[Store, int]:
     """Every check that can fail on user input, done before anything is written."""
+    check_run_dir(run_dir)
     root = run_dir if "://" in run_dir else os.path.abspath(run_dir)
     store = Store(root, storage_options(cfg.storage, root))
     store.check_reachable()
