@@ -146,8 +146,10 @@ def test_a_run_recorded_before_a_key_existed_resumes_when_the_key_keeps_its_defa
     del record["config"]["recover"]["precision"]  # as written by a version before recover.precision
     store.write_text("run.yaml", yaml.safe_dump(record))
     assert check_run_record(store, load_config(None))
-    with pytest.raises(LpldError, match="different config in recover.precision"):
-        check_run_record(store, load_config(None, ["recover.precision=bf16"]))
+    with pytest.raises(LpldError) as err:
+        check_run_record(store, load_config(None, ["recover.precision=bf16", "recover.ipc=5"]))
+    assert "different config in recover.ipc (was 10, now 5), recover.precision (was 'fp32', now 'bf16'): " in str(err.value)
+    assert str(err.value).endswith("or --force-new to delete that run's outputs and start over")
 
 
 @pytest.mark.parametrize(

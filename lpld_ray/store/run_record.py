@@ -13,6 +13,7 @@ from lpld_ray.config import (
     Config,
     config_from_dict,
     config_to_dict,
+    flatten,
     redacted,
     result_key_diff,
 )
@@ -49,12 +50,14 @@ def check_run_record(store: Store, cfg: Config) -> bool:
         raise LpldError(
             f"'{store.uri(RUN_RECORD)}' has schema_version {version!r}; this lpld_ray reads up to {RUN_SCHEMA_VERSION}: upgrade lpld_ray or use a new --run-dir"
         )
-    diff = result_key_diff(with_defaults(old_config), config_to_dict(cfg))
+    stored, asked = with_defaults(old_config), config_to_dict(cfg)
+    diff = result_key_diff(stored, asked)
     if diff:
-        raise LpldError(
-            f"run directory '{store.root}' holds a run with a different config in {', '.join(diff)}: "
-            "use the same config to resume, or a new --run-dir"
-        )
+        was, now = flatten(stored), flatten(asked)
+        changes = ", ".join(f"{key} (was {was.get(key)!r}, now {now.get(key)!r})" for key in diff)
+        raise LpldError(f"run directory '{store.root}' holds a run with a different config in {changes}: use the "
+                        "same config to resume, or a new --run-dir, or --force-new to delete that run's outputs "
+                        "and start over")
     log.info("resuming the run at %s", store.root)
     return True
 
