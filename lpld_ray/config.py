@@ -281,6 +281,12 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def _where(err: yaml.YAMLError) -> str:
+    """' at line L, column C' of a YAML error, when the parser knows it."""
+    mark = getattr(err, "problem_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults < YAML file < ``--set`` overrides; fails with a one-line ConfigError."""
     tree: dict[str, Any] = {}
@@ -290,8 +296,13 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
                 tree = yaml.safe_load(fh) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: '{path}' (allowed: a YAML file, e.g. jobs/configs/fashion_mnist.yaml)") from None
+        except IsADirectoryError:
+            raise ConfigError(f"--config '{path}' is a folder (allowed: a YAML file, e.g. jobs/configs/fashion_mnist.yaml)") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {err.start}): save it as UTF-8 YAML") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config file '{path}' is not valid YAML{_where(err)}: {problem}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(tree).__name__}")
     for assignment in overrides:

@@ -251,3 +251,16 @@ def test_one_arch_list():
     assert ARCHS == ("convnet", "resnet18", "resnet18_small", "resnet50")
     for arch in ARCHS:
         assert load_config(None, [f"train.arch={arch}"]).train.arch == arch
+
+
+def test_unreadable_config_files_are_one_line_errors(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("recover:\n  ipc: 10\n  lr: [1, 2\n")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("recover:\n  source: r\xe9el\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"is not valid YAML at line 4, column 1: expected ',' or '\]'"):
+        load_config(str(broken))
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 19\)"):
+        load_config(str(latin))
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(str(tmp_path))
