@@ -260,7 +260,7 @@ def test_unreadable_config_files_are_one_line_errors(tmp_path):
     latin.write_bytes("recover:\n  source: r\xe9el\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"is not valid YAML at line 4, column 1: expected ',' or '\]'"):
         load_config(str(broken))
-    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 19\)"):
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 20\)"):
         load_config(str(latin))
     with pytest.raises(ConfigError, match="is a folder"):
         load_config(str(tmp_path))
