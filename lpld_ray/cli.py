@@ -13,12 +13,12 @@ from typing import Sequence
 
 from lpld_ray.config import Config, load_config
 from lpld_ray.data.datasets import check_dataset, load_dataset
-from lpld_ray.distributed.cluster import planned_actors
+from lpld_ray.distributed.cluster import init_ray, node_resources, planned_actors
 from lpld_ray.distributed.driver import run_pipeline
 from lpld_ray.errors import LpldError
 from lpld_ray.method.models import build_model, load_weights
 from lpld_ray.pipeline.estimate import dataset_shape, plan_lines
-from lpld_ray.pipeline.plan import check_stage_inputs
+from lpld_ray.pipeline.plan import check_resources, check_stage_inputs
 from lpld_ray.pipeline.shards import plan_class_shards
 from lpld_ray.pipeline.stages import STAGE_NAMES
 from lpld_ray.pipeline.start_over import require_a_run, start_over
@@ -112,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             require_a_run(store)
         resuming = False if args.force_new else check_run_record(store, cfg)
         check_stage_inputs(cfg, store, stages, plan_class_shards(num_classes, cfg.runner.class_shard_size), args.force_new)
+        init_ray()  # the cluster of `ray job submit`, or a local Ray on this machine
+        check_resources(cfg, stages, node_resources())
         lease = RunLease(store, cfg.storage)
         lease.acquire()
         previous_handler = interrupt_on(signal.SIGTERM)

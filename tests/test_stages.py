@@ -11,7 +11,7 @@ from PIL import Image
 
 from lpld_ray.config import Config, RunnerConfig, config_from_dict
 from lpld_ray.errors import LpldError
-from lpld_ray.pipeline.plan import check_stage_inputs, stages_to_run, workers_that_fit
+from lpld_ray.pipeline.plan import check_resources, check_stage_inputs, stages_to_run, workers_that_fit
 from lpld_ray.pipeline.queue import ShardLost, ShardQueue
 from lpld_ray.pipeline.report import build_report
 from lpld_ray.pipeline.shards import ClassShard, plan_class_shards
@@ -96,9 +96,29 @@ def test_labels_of_another_schema_are_refused_before_train(tmp_path):
     (RunnerConfig(cpus_per_worker=8), 0, 2, 1),
     (RunnerConfig(), 4, 64, 4),
     (RunnerConfig(num_workers=3), 4, 64, 3),
+    (RunnerConfig(num_workers=2, cpus_per_worker=2), 0, 2, 1),  # never more actors than run at once
 ])
 def test_workers_that_fit(runner, gpus, cpus, expected):
     assert workers_that_fit(runner, gpus, cpus) == expected
+
+
+@pytest.mark.parametrize("overrides,asked,message", [
+    ({"teacher": {"num_workers": 4}}, ["teacher"], "teacher.num_workers x teacher.cpus_per_worker is 4 x 2 = 8 CPUs, "
+     "but this Ray cluster has 4 (allowed: at most 4 CPUs in all)"),
+    ({"teacher": {"cpus_per_worker": 4}}, ["teacher"], "teacher.cpus_per_worker is 4, but the largest node of this "
+     "Ray cluster has 2 CPUs (allowed: at most 2)"),
+    ({"runner": {"cpus_per_worker": 8}}, ["recover"], "runner.cpus_per_worker is 8"),
+    ({"train": {"num_workers": 3, "cpus_per_worker": 1}}, ["train"], None),
+    ({"teacher": {"num_workers": 4, "weights": "/w.pt"}}, ["teacher"], None),  # given weights: no Ray Train run
+])
+def test_workers_must_fit_the_cluster_before_anything_starts(overrides, asked, message):
+    nodes = [{"CPU": 2.0}, {"CPU": 2.0}]
+    if message is None:
+        check_resources(with_keys(**overrides), asked, nodes)
+    else:
+        with pytest.raises(LpldError) as err:
+            check_resources(with_keys(**overrides), asked, nodes)
+        assert str(err.value).startswith(message)
 
 
 def test_shard_queue_puts_a_lost_shard_first_and_gives_up_after_the_retries():

@@ -20,7 +20,12 @@ def init_ray() -> None:
     """Join the cluster of ``ray job submit`` (RAY_ADDRESS) or start a local Ray on this machine."""
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=True)
-    log.info("ray cluster resources: %s", {k: v for k, v in ray.cluster_resources().items() if "node" not in k})
+        log.info("ray cluster resources: %s", {k: v for k, v in ray.cluster_resources().items() if "node" not in k})
+
+
+def node_resources() -> list[dict[str, float]]:
+    """The resources of every alive node of the cluster."""
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
 def cluster_resources() -> tuple[float, float]:

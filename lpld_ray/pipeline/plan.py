@@ -70,10 +70,35 @@ def require_verified(store: Store, stage: str, names: list[str], needed_by: str,
 
 
 def workers_that_fit(runner: RunnerConfig, gpus: float, cpus: float) -> int:
-    """Shard actors (or squeeze task slots) at once: runner.num_workers when set, else one per GPU, else
-    CPUs // runner.cpus_per_worker; at least one."""
-    if runner.num_workers:
-        return runner.num_workers
-    if gpus >= 1:
-        return int(gpus)
-    return max(1, int(cpus) // runner.cpus_per_worker)
+    """Shard actors (or squeeze task slots) that run at once: one per GPU, else CPUs // runner.cpus_per_worker, at
+    most runner.num_workers when set; at least one. Never more than fit: a queued actor would wait for a finished
+    one, which keeps its resources, forever."""
+    fit = int(gpus) if gpus >= 1 else max(1, int(cpus) // runner.cpus_per_worker)
+    return min(runner.num_workers, fit) if runner.num_workers else fit
+
+
+def check_resources(cfg: Config, asked: list[str], nodes: list[dict[str, float]]) -> None:
+    """Before anything starts: the workers of every asked stage fit this cluster's nodes (Ray would otherwise wait
+    for resources that never come). ``nodes``: each alive node's resources, e.g. {"CPU": 16, "GPU": 8}."""
+    most = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    cpus, gpus = sum(n.get("CPU", 0.0) for n in nodes), sum(n.get("GPU", 0.0) for n in nodes)
+    if {"squeeze", "recover", "relabel"} & set(asked) or ("teacher" in asked and cfg.teacher.weights):
+        _fits_a_node("runner.cpus_per_worker", cfg.runner.cpus_per_worker, 1 if gpus else most)
+    trained = [(name, section) for name, section in (("teacher", cfg.teacher), ("train", cfg.train))
+               if name in asked and not (name == "teacher" and cfg.teacher.weights)]
+    for name, section in trained:
+        _fits_a_node(f"{name}.cpus_per_worker", section.cpus_per_worker, most)
+        need = section.num_workers * section.cpus_per_worker
+        if need > cpus:
+            raise LpldError(f"{name}.num_workers x {name}.cpus_per_worker is {section.num_workers} x "
+                            f"{section.cpus_per_worker} = {need} CPUs, but this Ray cluster has {cpus:g} "
+                            f"(allowed: at most {cpus:g} CPUs in all)")
+        if gpus and section.num_workers > gpus:
+            raise LpldError(f"{name}.num_workers is {section.num_workers}, one GPU each, but this Ray cluster has "
+                            f"{gpus:g} GPUs (allowed: at most {gpus:g})")
+
+
+def _fits_a_node(key: str, wanted: int, most: float) -> None:
+    if wanted > most:
+        raise LpldError(f"{key} is {wanted}, but the largest node of this Ray cluster has {most:g} CPUs "
+                        f"(allowed: at most {most:g})")
