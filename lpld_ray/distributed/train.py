@@ -6,6 +6,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
 from lpld_ray.distributed.cluster import cluster_has_gpus
 from lpld_ray.distributed.train_loop import TrainTask, train_task_loop
 from lpld_ray.store.layout import TRAIN_RUN_PREFIX
@@ -44,9 +47,6 @@ def fit_with_ray_train(store: Store, stage: str, task: TrainTask, spec: TrainerS
     """One TorchTrainer run of the shared loop whose checkpoints live under ``<run>/<stage>/<run_name>`` (the newest
     ``checkpoints_to_keep`` of them); a failed worker group restarts from the last one up to ``max_failures`` times,
     and a re-run with the same run name resumes from it."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     filesystem, path = store.pyarrow_fs()
     trainer = TorchTrainer(
         train_task_loop,

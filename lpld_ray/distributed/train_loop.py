@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, ContextManager, Iterator, Protocol
 
+import ray.train
+import ray.train.torch
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -140,8 +142,6 @@ def _report(env: WorkerEnv, metrics: dict, checkpoint: Callable[[str], None] | N
 
 @contextmanager
 def _ray_checkpoint_folder() -> Iterator[str | None]:
-    import ray.train
-
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         yield None
@@ -151,8 +151,6 @@ def _ray_checkpoint_folder() -> Iterator[str | None]:
 
 
 def _ray_report(metrics: dict, folder: str | None) -> None:
-    import ray.train
-
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
 
 
@@ -162,9 +160,6 @@ def _all_reduce_sum(tensor: torch.Tensor) -> None:
 
 def ray_worker_env() -> WorkerEnv:
     """This Ray Train worker's rank, device and Ray Train calls."""
-    import ray.train
-    import ray.train.torch
-
     context = ray.train.get_context()
     return WorkerEnv(
         rank=context.get_world_rank(), world=context.get_world_size(), device=ray.train.torch.get_device(),
