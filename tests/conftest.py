@@ -1,9 +1,13 @@
-"""Shared fixtures: a real local Ray cluster (own temp dir and ports, stopped by PID) and tiny configs."""
+"""Shared fixtures: a real local Ray cluster (own temp dir and ports, stopped by PID), tiny configs, the one
+finished tiny run (whose teacher every other Ray test is given) and helpers to read a job's JSON summary."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +24,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# One class per class shard (4 shards on 2 actors), so that a fault can land while some shards are committed and
+# others are not; recover long enough (seconds per shard) that a shard is seen in flight.
 TINY_OVERRIDES = [
     "data.num_classes=4",
     "data.train_per_class=200",
@@ -28,7 +34,7 @@ TINY_OVERRIDES = [
     "teacher.cpus_per_worker=1",
     "squeeze.partitions=2",
     "recover.ipc=4",
-    "recover.iterations=40",
+    "recover.iterations=80",
     "recover.classes_per_pass=2",
     "relabel.epochs=40",
     "relabel.compression=4",
@@ -37,9 +43,10 @@ TINY_OVERRIDES = [
     "train.eval_every=20",
     "train.checkpoint_every=10",
     "train.cpus_per_worker=1",
-    "runner.class_shard_size=2",
+    "runner.class_shard_size=1",
     "runner.progress_every_s=1",
 ]
+CLASS_SHARDS = 4
 
 
 def free_ports(count: int) -> list[int]:
@@ -113,7 +120,7 @@ def stop_cluster(proc: subprocess.Popen, temp_dir: str) -> None:
 
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=5)  # `ray start --block` may not exit on SIGTERM at all: then the group is killed
     except (ProcessLookupError, subprocess.TimeoutExpired):
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -229,13 +236,82 @@ def job_args(run_dir, *extra: str, config: str = "jobs/configs/fashion_mnist.yam
     return args
 
 
+def job_summary(output: str) -> dict:
+    """The JSON the driver logs as its last line (``summary: {...}``): what each stage did."""
+    for line in reversed(output.splitlines()):
+        _, said, rest = line.partition("summary: ")
+        if said and rest.startswith("{"):
+            return json.loads(rest)
+    raise AssertionError(f"no JSON summary in the job's output:\n{output[-3000:]}")
+
+
+def submit_ok(ray_cluster: RayCluster, args: list[str]) -> tuple[str, dict]:
+    """Submit, wait, require success; (the job's output, its JSON summary)."""
+    result = ray_cluster.submit(args)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    return out, job_summary(out)
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    run_dir: Path
+    args: list[str]  # what made it: a copy of the run resumes with exactly these
+    output: str
+    summary: dict
+
+    @property
+    def teacher(self) -> Path:
+        return self.run_dir / "teacher" / "model" / "teacher.pt"
+
+    def copy_to(self, dest: Path) -> list[str]:
+        """A byte copy of the whole run at ``dest``; returns the arguments that resume it there."""
+        shutil.copytree(self.run_dir, dest)
+        return [str(dest) if a == str(self.run_dir) else a for a in self.args]
+
+
 @pytest.fixture(scope="session")
-def finished_run(ray_cluster, tmp_path_factory):
-    """One whole tiny pipeline (teacher included) submitted with `ray job submit`; later tests reuse its teacher."""
+def finished_run(ray_cluster, tmp_path_factory) -> FinishedRun:
+    """One whole tiny pipeline submitted with `ray job submit`: the only run that trains its teacher with Ray Train.
+    Later tests are given its teacher, and compare their outputs with its bytes; none writes to it."""
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    result = ray_cluster.submit(job_args(run_dir))
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return run_dir, result
+    args = job_args(run_dir)
+    output, summary = submit_ok(ray_cluster, args)
+    return FinishedRun(run_dir, args, output, summary)
+
+
+@pytest.fixture
+def cli(caplog, capsys, monkeypatch):
+    """``lpld_ray.cli.main(argv)`` in this process, for input it must refuse before running any stage; returns (exit
+    code, the ERROR log messages, everything printed). Should it not refuse, it fails instead of running stages."""
+    import lpld_ray.distributed.driver as driver
+    from lpld_ray.cli import main
+
+    def not_refused(*_args, **_kwargs):
+        raise AssertionError("the command was not refused: it went on to run stages")
+
+    monkeypatch.setattr(driver, "run_pipeline", not_refused, raising=False)
+    monkeypatch.chdir(REPO)
+
+    def run(argv: list[str]) -> tuple[int, list[str], str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            code = main(argv)
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert all(r.exc_info is None for r in errors), "an error was logged with a traceback"
+        printed = capsys.readouterr()
+        return code, [r.getMessage() for r in errors], printed.out + printed.err
+    return run
+
+
+def assert_one_line_error(outcome: tuple[int, list[str], str], fragment: str) -> str:
+    """Exit code 2, exactly one ERROR record, on one line, containing ``fragment``, no traceback; returns it."""
+    code, errors, printed = outcome
+    assert code == 2, (code, errors)
+    assert len(errors) == 1, errors
+    assert fragment in errors[0] and "\n" not in errors[0], errors[0]
+    assert "Traceback" not in printed
+    return errors[0]
 
 
 def cluster_processes(ray_cluster: RayCluster, title: str) -> list:
@@ -270,6 +346,23 @@ def registered_checkpoint_epoch(train_dir: Path) -> int:
         if latest:
             epochs.append(int(latest["metrics"]["epoch"]))
     return max(epochs)
+
+
+def the_train_worker(ray_cluster: RayCluster):
+    """The one Ray Train worker process of the running job."""
+    (worker,) = wait_until(lambda: cluster_processes(ray_cluster, "RayTrainWorker"), 300, "the Ray Train worker")
+    return worker
+
+
+def freeze_at_first_checkpoint(ray_cluster: RayCluster, train_dir: Path, every: int):
+    """SIGSTOP the Ray Train worker as soon as a checkpoint is registered: the job cannot train on (nor finish)
+    whatever the machine's speed. Returns (the frozen worker, the registered epoch)."""
+    worker = the_train_worker(ray_cluster)
+    epoch = wait_until(lambda: registered_checkpoint_epoch(train_dir), 600, "a registered checkpoint", every=0.05)
+    worker.suspend()
+    assert not (train_dir / "model" / "_MANIFEST.json").exists(), "training finished before it could be frozen"
+    assert epoch % every == 0, epoch
+    return worker, epoch
 
 
 def wait_until(condition, timeout: float, what: str, every: float = 0.2):

@@ -1,11 +1,14 @@
-"""Bad input to jobs/distill.py: a one-line error naming the value, a non-zero exit, nothing written."""
+"""Bad input to jobs/distill.py: a one-line error naming the value, exit code 2, nothing written. The cases run
+``lpld_ray.cli.main`` in this process; one smoke test runs the entry point as a user would."""
 
 from __future__ import annotations
 
 import pytest
-from conftest import run_cli, tree_snapshot
+from conftest import assert_one_line_error, run_cli, tree_snapshot
 
 from lpld_ray.method.models import build_model, save_weights_bytes
+
+PRESET = "jobs/configs/fashion_mnist.yaml"
 
 
 @pytest.fixture
@@ -37,40 +40,40 @@ CASES = {
 }
 
 
-def assert_one_line_error(result, fragment: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1, result.stderr[-2000:]
-    assert fragment in errors[0]
-    assert "Traceback" not in result.stderr
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_fails_cleanly(name, existing_run):
+def test_bad_input_fails_cleanly(name, existing_run, cli):
     args, fragment = CASES[name]
     before = tree_snapshot(existing_run)
-    result = run_cli(["--config", "jobs/configs/fashion_mnist.yaml", "--run-dir", str(existing_run), *args])
-    assert_one_line_error(result, fragment)
+    assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(existing_run), *args]), fragment)
     assert tree_snapshot(existing_run) == before
 
 
-def test_teacher_with_wrong_class_count(existing_run, three_class_weights):
+def test_entry_point_exits_2_with_one_error_line(existing_run):
+    """The one subprocess: jobs/distill.py as a user runs it, its exit code and its stderr."""
     before = tree_snapshot(existing_run)
-    result = run_cli(["--run-dir", str(existing_run), "--set", f"teacher.weights={three_class_weights}"])
-    assert_one_line_error(result, "3 output classes but the dataset has 10")
+    result = run_cli(["--config", PRESET, "--run-dir", str(existing_run), "--set", "recover.ipc=0"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "recover.ipc" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
     assert tree_snapshot(existing_run) == before
 
 
-def test_unsupported_run_dir_scheme(tmp_path):
-    result = run_cli(["--run-dir", "ftp://host/runs/x"])
-    assert_one_line_error(result, "ftp://host/runs/x")
-    assert "s3://" in result.stderr  # says what is allowed
+def test_teacher_with_wrong_class_count(existing_run, three_class_weights, cli):
+    before = tree_snapshot(existing_run)
+    outcome = cli(["--run-dir", str(existing_run), "--set", f"teacher.weights={three_class_weights}"])
+    assert_one_line_error(outcome, "3 output classes but the dataset has 10")
+    assert tree_snapshot(existing_run) == before
 
 
-def test_new_run_dir_not_created_on_bad_input(tmp_path):
+def test_unsupported_run_dir_scheme(cli):
+    error = assert_one_line_error(cli(["--run-dir", "ftp://host/runs/x"]), "ftp://host/runs/x")
+    assert "s3://" in error  # says what is allowed
+
+
+def test_new_run_dir_not_created_on_bad_input(tmp_path, cli):
     run = tmp_path / "fresh"
-    result = run_cli(["--run-dir", str(run), "--set", "recover.ipc=0"])
-    assert result.returncode == 2
+    assert_one_line_error(cli(["--run-dir", str(run), "--set", "recover.ipc=0"]), "recover.ipc")
     assert not run.exists()
 
 
@@ -85,55 +88,66 @@ def committed_shards(run, stage: str, meta: dict | None = None) -> None:
         writer.commit(seed=0, meta=meta)
 
 
-def test_train_without_labels_names_the_missing_stage(tmp_path):
+def test_train_without_labels_names_the_missing_stage(tmp_path, cli):
     run = tmp_path / "images_only"
     committed_shards(run, "images")
     before = tree_snapshot(run)
-    result = run_cli(["--config", "jobs/configs/fashion_mnist.yaml", "--run-dir", str(run), "--stages", "train"])
-    assert_one_line_error(result, "train needs the relabel stage's output")
-    assert "labels/shard-00000 is missing" in result.stderr
+    error = assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(run), "--stages", "train"]),
+                                  "train needs the relabel stage's output")
+    assert "labels/shard-00000 is missing" in error
     assert tree_snapshot(run) == before
 
 
-def test_train_on_labels_of_an_unknown_schema_version_names_the_shard(tmp_path):
+def test_train_on_labels_of_an_unknown_schema_version_names_the_shard(tmp_path, cli):
     run = tmp_path / "future_labels"
     committed_shards(run, "images")
     committed_shards(run, "labels", {"schema_version": 2, "records": 1})
     before = tree_snapshot(run)
-    result = run_cli(["--config", "jobs/configs/fashion_mnist.yaml", "--run-dir", str(run), "--stages", "train"])
-    assert_one_line_error(result, "train cannot read labels/shard-00000: label schema version 2 is not supported "
-                                  "(supported: 1): run with --stages relabel,train")
+    assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(run), "--stages", "train"]),
+                          "train cannot read labels/shard-00000: label schema version 2 is not supported "
+                          "(supported: 1): run with --stages relabel,train")
     assert tree_snapshot(run) == before
 
 
-def test_run_record_of_a_newer_schema_is_refused(existing_run):
+def test_run_record_of_a_newer_schema_is_refused(existing_run, cli):
     (existing_run / "run.yaml").write_text("schema_version: 99\nconfig: {}\n")
     before = tree_snapshot(existing_run)
-    result = run_cli(["--config", "jobs/configs/fashion_mnist.yaml", "--run-dir", str(existing_run)])
-    assert_one_line_error(result, "schema_version 99")
+    assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(existing_run)]), "schema_version 99")
     assert tree_snapshot(existing_run) == before
 
 
-def aws_env(moto_s3, secret: str | None = None) -> dict[str, str]:
-    """Credentials and endpoint the usual AWS way: environment variables, no storage: section."""
-    return {"AWS_ACCESS_KEY_ID": moto_s3.access_key, "AWS_SECRET_ACCESS_KEY": secret or moto_s3.secret_key,
-            "AWS_ENDPOINT_URL": moto_s3.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+@pytest.fixture
+def aws_env(moto_s3, monkeypatch):
+    """Credentials and endpoint the usual AWS way (environment variables, no storage: section); returns a setter
+    of the secret. s3fs's cached clients are dropped so that each test's environment is the one used."""
+    import s3fs
+
+    def use(secret: str | None = None) -> None:
+        for name, value in {"AWS_ACCESS_KEY_ID": moto_s3.access_key, "AWS_SECRET_ACCESS_KEY": secret or moto_s3.secret_key,
+                            "AWS_ENDPOINT_URL": moto_s3.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+
+    yield use
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_s3_run_dir_on_a_missing_bucket(moto_s3):
-    result = run_cli(["--run-dir", "s3://lpld-no-such-bucket/run"], env=aws_env(moto_s3))
-    assert_one_line_error(result, "bucket 'lpld-no-such-bucket' of run directory 's3://lpld-no-such-bucket/run' does not exist")
+def test_s3_run_dir_on_a_missing_bucket(aws_env, cli):
+    aws_env()
+    assert_one_line_error(cli(["--run-dir", "s3://lpld-no-such-bucket/run"]),
+                          "bucket 'lpld-no-such-bucket' of run directory 's3://lpld-no-such-bucket/run' does not exist")
 
 
-def test_s3_wrong_credentials_fail_without_echoing_them(moto_s3, monkeypatch):
+def test_s3_wrong_credentials_fail_without_echoing_them(moto_s3, aws_env, cli, monkeypatch):
     import moto.settings
 
     from lpld_ray.store.storage import Store
 
     bucket = moto_s3.make_bucket()
-    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto now checks the keys it is given
-    result = run_cli(["--run-dir", f"s3://{bucket}/run"], env=aws_env(moto_s3, secret="wrong-secret-4711"))
-    assert_one_line_error(result, "access denied while listing the bucket of")
-    assert "wrong-secret-4711" not in result.stderr + result.stdout
-    monkeypatch.undo()
+    aws_env(secret="wrong-secret-4711")
+    with monkeypatch.context() as patch:
+        patch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto now checks the keys it is given
+        outcome = cli(["--run-dir", f"s3://{bucket}/run"])
+    error = assert_one_line_error(outcome, "access denied while listing the bucket of")
+    assert "wrong-secret-4711" not in error + outcome[2]
     assert Store(f"s3://{bucket}/run", moto_s3.options()).list("") == []  # nothing was written

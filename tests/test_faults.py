@@ -1,5 +1,6 @@
 """Faults injected into real `ray job submit` runs (local files and moto S3): killed driver, actor and Ray Train
-worker, corrupted objects, an unreachable store, a second job on the same run. Each records a row of the fault table
+worker, corrupted objects, an unreachable store, a second job on the same run. Every interrupted run must end up
+byte-equal to the session's finished run (conftest), whose teacher it is given. Each records a row of the fault table
 (docs/RESULTS.md) when LPLD_FAULT_TABLE names a file."""
 
 from __future__ import annotations
@@ -11,13 +12,18 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from conftest import (
+    CLASS_SHARDS,
     REPO,
+    assert_one_line_error,
     cluster_processes,
+    freeze_at_first_checkpoint,
     job_args,
-    registered_checkpoint_epoch,
+    job_summary,
+    submit_ok,
     tree_snapshot,
     wait_until,
 )
@@ -27,9 +33,6 @@ from lpld_ray.store.storage import Store
 
 pytestmark = pytest.mark.ray
 
-CLASS_SHARDS = 4
-# one class per shard and enough iterations that a fault lands mid-recover
-FAULT_OVERRIDES = ["runner.class_shard_size=1", "recover.iterations=400"]
 STAGES = "squeeze,recover,relabel,train,report"
 
 
@@ -42,7 +45,8 @@ def record_fault(fault: str, injected: int, recovered: bool, redone: str, lost: 
 
 
 def fault_args(run_dir, teacher: Path, *extra: str, config: str = "jobs/configs/fashion_mnist.yaml") -> list[str]:
-    return job_args(run_dir, *FAULT_OVERRIDES, f"teacher.weights={teacher}", *extra, config=config)
+    """The finished run's config on another run directory, its teacher given as weights."""
+    return job_args(run_dir, f"teacher.weights={teacher}", *extra, config=config)
 
 
 def images_of(store: Store) -> dict[str, bytes]:
@@ -75,16 +79,21 @@ def s3_config(moto_s3, tmp_path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def teacher(finished_run) -> Path:
-    return finished_run[0] / "teacher" / "model" / "teacher.pt"
+    return finished_run.teacher
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, teacher, tmp_path_factory):
-    """An uninterrupted run of the fault config: what every interrupted run must end up equal to."""
-    run_dir = tmp_path_factory.mktemp("faults") / "reference"
-    result = ray_cluster.submit(["--stages", STAGES, *fault_args(run_dir, teacher)])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir
+def reference(finished_run) -> Path:
+    """The uninterrupted run of the same config: what every interrupted run must end up equal to."""
+    return finished_run.run_dir
+
+
+def kill_all(procs: list) -> None:
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -99,32 +108,26 @@ def test_driver_sigkill_mid_recover_then_rerun_is_byte_identical(ray_cluster, te
     job_id = f"kill-driver-{uuid.uuid4().hex[:8]}"
     assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
     wait_until(lambda: list_shards(store, "images"), 600, "the first images shard")
-    (driver,) = wait_until(lambda: [p for p in cluster_processes(ray_cluster, str(run_dir)) if p.name() != "sh"], 30,
-                           "the driver process")
-    driver.send_signal(signal.SIGKILL)
-    assert wait_for_job_end(ray_cluster, job_id) == "FAILED"
+    # freeze the shard actors first: no further shard can commit, however fast this machine recovers
+    actors = cluster_processes(ray_cluster, "ShardWorker")
+    for actor in actors:
+        actor.suspend()
+    try:
+        (driver,) = wait_until(lambda: [p for p in cluster_processes(ray_cluster, str(run_dir)) if p.name() != "sh"], 30,
+                               "the driver process")
+        driver.send_signal(signal.SIGKILL)
+        assert wait_for_job_end(ray_cluster, job_id) == "FAILED"
+    finally:
+        kill_all(actors)
     wait_until(lambda: not cluster_processes(ray_cluster, "ShardWorker"), 60, "the dead job's actors to go")
-    finished = wait_until(lambda: stable_finished(store), 60, "the finished shards to settle")
+    finished = [s for s in list_shards(store, "images") if verify_shard(store, "images", s) is not None]
     assert 0 < len(finished) < CLASS_SHARDS, "the kill did not land mid-recover"
     kept = {s: object_stamps(store, f"images/{s}") for s in finished}
-    result = ray_cluster.submit(args)
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-3000:]
-    said = [line[line.index("recover:"):] for line in out.splitlines() if "recover:" in line]
-    assert f"recover: {CLASS_SHARDS - len(finished)} of {CLASS_SHARDS} class shards to do" in said, (finished, said)
+    _, summary = submit_ok(ray_cluster, args)
+    assert summary["recover"]["shards_done"] == CLASS_SHARDS - len(finished), finished
     assert {s: object_stamps(store, f"images/{s}") for s in finished} == kept  # same ETag / mtime: not rewritten
     assert images_of(store) == images_of(Store(str(reference)))
     record_fault(f"driver SIGKILL mid-recover ({where})", 1, True, f"{CLASS_SHARDS - len(finished)} of {CLASS_SHARDS} image shards", 0)
-
-
-def stable_finished(store: Store, settle_s: float = 3.0) -> list[str] | None:
-    """The verified images shards, once two looks ``settle_s`` apart agree (None while they still change)."""
-    def verified() -> list[str]:
-        return [s for s in list_shards(store, "images") if verify_shard(store, "images", s) is not None]
-
-    first = verified()
-    time.sleep(settle_s)
-    return first if verified() == first else None
 
 
 def object_stamps(store: Store, prefix: str) -> dict[str, tuple]:
@@ -144,6 +147,7 @@ def test_actor_kill_mid_shard_redoes_that_shard_once(ray_cluster, teacher, refer
     assert wait_for_job_end(ray_cluster, job_id) == "SUCCEEDED"
     logs = job_logs(ray_cluster, job_id)
     assert logs.count("died (") == 1 and "shard goes back on the queue" in logs, logs[-3000:]
+    assert job_summary(logs)["recover"]["shards_done"] == CLASS_SHARDS
     store = Store(str(run_dir))
     for shard in list_shards(store, "images"):
         manifest = verify_shard(store, "images", shard)
@@ -154,34 +158,35 @@ def test_actor_kill_mid_shard_redoes_that_shard_once(ray_cluster, teacher, refer
     record_fault("shard actor SIGKILL mid-shard", 1, True, "1 image shard", 0)
 
 
-def test_train_worker_kill_resumes_from_checkpoint_and_second_job_is_refused(ray_cluster, teacher, reference, tmp_path):
+def test_train_worker_kill_resumes_from_checkpoint_and_second_job_is_refused(ray_cluster, teacher, reference, tmp_path,
+                                                                             cli):
+    """The worker is frozen at its first registered checkpoint (so the job cannot finish meanwhile), a second job on
+    the run is refused, then the worker is killed: Ray Train restarts it from that checkpoint."""
     run_dir = tmp_path / "train"
     for stage in ("stats", "images", "labels"):
         copy_stage(Store(str(reference)), Store(str(run_dir)), stage)
-    args = ["--stages", "train", *fault_args(run_dir, teacher, "train.epochs=300", "train.checkpoint_every=10",
-                                             "train.eval_every=300")]
+    args = ["--stages", "train", *fault_args(run_dir, teacher, "train.epochs=20", "train.checkpoint_every=2",
+                                             "train.eval_every=20")]
     job_id = f"kill-train-{uuid.uuid4().hex[:8]}"
     assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
-    wait_until(lambda: registered_checkpoint_epoch(run_dir / "train") >= 10, 600, "a registered checkpoint")
-    (worker,) = cluster_processes(ray_cluster, "RayTrainWorker")
-    worker.send_signal(signal.SIGKILL)
-    second = ray_cluster.submit(args)  # while the first job recovers its worker group and trains on
-    assert second.returncode != 0
-    assert f"is in use by job {job_id}" in second.stdout + second.stderr
+    worker, epoch = freeze_at_first_checkpoint(ray_cluster, run_dir / "train", every=2)
+    try:
+        assert_one_line_error(cli(args), f"is in use by job {job_id}")  # a second job, while the first holds the run
+    finally:
+        kill_all([worker])
     assert wait_for_job_end(ray_cluster, job_id) == "SUCCEEDED", job_logs(ray_cluster, job_id)[-3000:]
     manifest = verify_shard(Store(str(run_dir)), "train", "model")
-    assert manifest is not None and 10 <= manifest.meta["resumed_from"] < 300
-    assert "resuming from the checkpoint of epoch" in job_logs(ray_cluster, job_id)
-    record_fault("Ray Train worker SIGKILL", 1, True, f"epochs {manifest.meta['resumed_from']}-300 (from checkpoint)", 0)
+    assert manifest is not None
+    resumed = job_summary(job_logs(ray_cluster, job_id))["train"]["resumed_from"]
+    assert epoch <= resumed < 20 and manifest.meta["resumed_from"] == resumed
+    record_fault("Ray Train worker SIGKILL", 1, True, f"epochs {resumed}-20 (from checkpoint)", 0)
     record_fault("second job on a run in use", 1, True, "none (refused, named the holder)", 0)
 
 
-def test_corrupt_objects_are_named_redone_and_never_trained_on(ray_cluster, teacher, reference, tmp_path):
+def test_corrupt_objects_are_named_redone_and_never_trained_on(ray_cluster, finished_run, tmp_path):
     run_dir = tmp_path / "corrupt"
-    src, store = Store(str(reference)), Store(str(run_dir))
-    for stage in ("stats", "images", "labels", "train"):
-        copy_stage(src, store, stage)
-    store.write_bytes("run.yaml", src.read_bytes("run.yaml"))
+    args = finished_run.copy_to(run_dir)
+    store = Store(str(run_dir))
     image = run_dir / "images" / "shard-00002" / "00002_0001.png"
     image.write_bytes(image.read_bytes()[:40])  # truncated
     labels = run_dir / "labels" / "shard-00001" / "labels.parquet"
@@ -189,23 +194,22 @@ def test_corrupt_objects_are_named_redone_and_never_trained_on(ray_cluster, teac
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     labels.write_bytes(bytes(data))
     (run_dir / "stats" / "shard-00003" / MANIFEST_NAME).write_text("{not json")
-    result = ray_cluster.submit(["--stages", STAGES, *fault_args(run_dir, teacher)])
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-3000:]
+    student = tree_snapshot(run_dir / "train" / "model")
+    out, summary = submit_ok(ray_cluster, ["--stages", STAGES, *args])
     assert "images/shard-00002/00002_0001.png: size 40 !=" in out
     assert "labels/shard-00001/labels.parquet: sha256 mismatch" in out
     assert "manifest is not valid JSON" in out
-    assert f"recover: 1 of {CLASS_SHARDS} class shards to do" in out
-    assert f"relabel: 1 of {CLASS_SHARDS} class shards to do" in out
-    assert "train: verified model already in the run; skipping" in out  # redone bytes are the ones it trained on
-    assert tree_bytes(run_dir, "images", "labels", "stats") == tree_bytes(reference, "images", "labels", "stats")
+    assert summary["squeeze"]["shards_written"] >= 1
+    assert summary["recover"]["shards_done"] == summary["relabel"]["shards_done"] == 1
+    assert tree_snapshot(run_dir / "train" / "model") == student  # redone bytes are the ones it trained on
+    assert tree_bytes(run_dir, "images", "labels", "stats") == tree_bytes(finished_run.run_dir, "images", "labels", "stats")
     record_fault("truncated image object", 1, True, "1 image shard", 0)
     record_fault("flipped byte in a label object", 1, True, "1 label shard", 0)
     record_fault("manifest that is not JSON", 1, True, "stats (one squeeze pass)", 0)
     # with only the train stage asked, a corrupt label object stops the job before any training
     labels.write_bytes(bytes(data))
     store.delete(f"train/model/{MANIFEST_NAME}")
-    result = ray_cluster.submit(["--stages", "train", *fault_args(run_dir, teacher)])
+    result = ray_cluster.submit(["--stages", "train", *args])
     assert result.returncode != 0
     assert "train will not use labels/shard-00001" in result.stdout + result.stderr
     assert verify_shard(store, "train", "model") is None
@@ -234,25 +238,30 @@ def test_unreachable_store_fails_cleanly_and_rerun_completes(ray_cluster, teache
     logs = job_logs(ray_cluster, job_id)
     assert "object store unreachable while" in logs and "2 retries" in logs, logs[-3000:]
     assert moto_s3.secret_key not in logs
-    result = ray_cluster.submit(args)
-    assert result.returncode == 0, result.stderr[-3000:]
+    submit_ok(ray_cluster, args)
     assert images_of(store) == images_of(Store(str(reference)))
     record_fault("object store down mid-recover (moto stopped)", 1, True,
                  f"in-flight image shards; job failed {failed_after:.0f}s after the outage", 0)
 
 
-def test_full_pipeline_on_s3_keeps_credentials_out(ray_cluster, moto_s3, tmp_path):
-    run_dir = f"s3://{moto_s3.make_bucket()}/full"
+def test_full_pipeline_on_s3_keeps_credentials_out(ray_cluster, teacher, moto_s3, tmp_path):
+    """Every stage on S3, the teacher's weights read from S3 too, and class shards of two classes."""
+    bucket = moto_s3.make_bucket()
+    run_dir = f"s3://{bucket}/full"
     store = Store(run_dir, moto_s3.options())
-    result = ray_cluster.submit(job_args(run_dir, config=s3_config(moto_s3, tmp_path)))
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-4000:]
-    for stage, shards in (("teacher", ["model"]), ("stats", ["global", "shard-00000", "shard-00001"]),
+    weights = f"s3://{bucket}/weights/teacher.pt"
+    Store(f"s3://{bucket}/weights", moto_s3.options()).write_bytes("teacher.pt", teacher.read_bytes())
+    out, summary = submit_ok(ray_cluster, job_args(run_dir, f"teacher.weights={weights}", "runner.class_shard_size=2",
+                                                   config=s3_config(moto_s3, tmp_path)))
+    for stage, shards in (("teacher", ["given"]), ("stats", ["global", "shard-00000", "shard-00001"]),
                           ("images", ["shard-00000", "shard-00001"]), ("labels", ["shard-00000", "shard-00001"]),
                           ("train", ["model"])):
         for shard in shards:
             assert verify_shard(store, stage, shard) is not None, (stage, shard)
+    assert summary["recover"]["shards_done"] == 2 and summary["teacher"]["given"] is True
+    assert verify_shard(store, "images", "shard-00001").meta["classes"] == [2, 3]
     report = json.loads(store.read_text("report/report.json"))
+    assert report["student_top1"] == summary["train"]["student_top1"]
     assert report["student_top1"] > 0.45  # same margin over the 25% chance as the local e2e test
     assert yaml.safe_load(store.read_text("run.yaml"))["config"]["storage"]["secret_access_key"] == "<redacted>"
     assert moto_s3.secret_key not in out
@@ -260,19 +269,18 @@ def test_full_pipeline_on_s3_keeps_credentials_out(ray_cluster, moto_s3, tmp_pat
         assert moto_s3.secret_key.encode() not in store.read_bytes(name), name
 
 
-def test_force_new_starts_over_after_a_refused_resume(ray_cluster, teacher, reference, tmp_path):
+def test_force_new_starts_over_after_a_refused_resume(ray_cluster, finished_run, teacher, tmp_path, cli):
     run_dir = tmp_path / "again"
-    src, store = Store(str(reference)), Store(str(run_dir))
+    src, store = Store(str(finished_run.run_dir)), Store(str(run_dir))
     for stage in ("stats", "images", "labels"):
         copy_stage(src, store, stage)
     store.write_bytes("run.yaml", src.read_bytes("run.yaml"))
     before = tree_snapshot(run_dir)
     changed = ["--stages", "squeeze,recover", *fault_args(run_dir, teacher, "recover.iterations=30")]
-    refused = ray_cluster.submit(changed)
-    assert refused.returncode != 0 and "recover.iterations" in refused.stdout + refused.stderr
+    assert_one_line_error(cli(changed), "recover.iterations")
     assert tree_snapshot(run_dir) == before
-    result = ray_cluster.submit(["--force-new", *changed])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert store.list("labels") == []
+    _, summary = submit_ok(ray_cluster, ["--force-new", *changed])
+    assert summary["recover"]["shards_done"] == CLASS_SHARDS
+    assert store.list("labels") == []  # the earlier run's later stages went too
     assert yaml.safe_load((run_dir / "run.yaml").read_text())["config"]["recover"]["iterations"] == 30
     assert len(list_shards(store, "images")) == CLASS_SHARDS

@@ -1,27 +1,32 @@
 """The ResNet presets end to end on an ImageFolder tree of real Fashion-MNIST images (PNG, 32 px, class folders),
 on local disk or on (moto's) S3, through `ray job submit`, with tiny overrides: the ImageNet path at a size this
-machine can run."""
+machine can run. The teacher is trained here, in this process, and given to both runs as weights (teacher training
+with Ray Train is covered by the e2e run)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, submit_ok
 from PIL import Image
 
 from lpld_ray.config import DataConfig
 from lpld_ray.data.datasets import load_dataset
+from lpld_ray.method.models import build_model, save_weights_bytes
+from lpld_ray.method.training import evaluate, random_flip, train_epoch
 from lpld_ray.store.manifest import list_shards, verify_shard
 from lpld_ray.store.storage import Store
 
 pytestmark = pytest.mark.ray
 
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS, SIDE = 3, 60, 20, 32
-SMALL = [f"data.num_classes={CLASSES}", f"data.image_size={SIDE}", "teacher.weights=null", "teacher.epochs=3",
-         "teacher.batch_size=32", "teacher.cpus_per_worker=1", "teacher.lr=0.05", "squeeze.partitions=2",
+TEACHER_ARCH = "resnet18_small"  # both presets' runs are given it
+SMALL = [f"data.num_classes={CLASSES}", f"data.image_size={SIDE}", f"teacher.arch={TEACHER_ARCH}",
+         "teacher.batch_size=32", "teacher.cpus_per_worker=1", "squeeze.partitions=2",
          "squeeze.batch_size=64", "recover.ipc=2", "recover.iterations=10", "recover.classes_per_pass=2",
          "relabel.epochs=6", "relabel.compression=2", "relabel.batch_size=32", "train.epochs=6", "train.batch_size=4",
          "train.eval_every=3", "train.checkpoint_every=3", "train.num_workers=1", "train.cpus_per_worker=1",
@@ -43,6 +48,26 @@ def fashion_tree(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def folder_teacher(fashion_tree, tmp_path_factory) -> tuple[Path, float]:
+    """A small ResNet teacher trained on the tree's train split in this process; (weights file, its val top-1)."""
+    torch.manual_seed(0)
+    data = DataConfig(name="image_folder", root=str(fashion_tree), num_classes=CLASSES, image_size=SIDE)
+    train_set, val_set = load_dataset(data, "train"), load_dataset(data, "test")
+    model = build_model(TEACHER_ARCH, CLASSES, 3, SIDE)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=30, shuffle=True, drop_last=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    epochs = 2
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=epochs * len(loader))
+    cpu = torch.device("cpu")
+    for _ in range(epochs):
+        train_epoch(model, loader, torch.nn.CrossEntropyLoss(), optimizer, scheduler, train_set.spec, cpu, random_flip)
+    top1 = evaluate(model, torch.utils.data.DataLoader(val_set, batch_size=60), val_set.spec, cpu)
+    path = tmp_path_factory.mktemp("folder_teacher") / "teacher.pt"
+    path.write_bytes(save_weights_bytes(model))
+    return path, top1
+
+
 def tree_on_s3(moto_s3, tree, tmp_path, preset: str) -> tuple[str, str]:
     """The tree copied to a moto bucket, and the preset with a storage: section that reaches it."""
     root = f"s3://{moto_s3.make_bucket()}/fashion"
@@ -59,27 +84,32 @@ def tree_on_s3(moto_s3, tree, tmp_path, preset: str) -> tuple[str, str]:
 @pytest.mark.parametrize("preset,data_on,extra", [
     ("tiny_imagenet_rn18", "s3", []),  # the tree read from object storage by every stage
     # Cutout relabel, no flip; two Ray Train workers (DDP), each reading only the label shards the shard sampler gives it
-    ("imagenet21kp_rn18", "local", ["train.arch=resnet18_small", "teacher.arch=resnet18_small", "train.num_workers=2",
-                                    "train.sampler=shard"]),
+    ("imagenet21kp_rn18", "local", ["train.arch=resnet18_small", "train.num_workers=2", "train.sampler=shard"]),
 ])
-def test_resnet_preset_runs_every_stage_on_an_image_folder(ray_cluster, moto_s3, fashion_tree, tmp_path, preset, data_on,
-                                                           extra):
+def test_resnet_preset_runs_every_stage_on_an_image_folder(ray_cluster, moto_s3, fashion_tree, folder_teacher, tmp_path,
+                                                           preset, data_on, extra):
     run_dir = tmp_path / preset
     root, config = str(fashion_tree), f"jobs/configs/{preset}.yaml"
     if data_on == "s3":
         root, config = tree_on_s3(moto_s3, fashion_tree, tmp_path, preset)
+    weights, teacher_top1 = folder_teacher
     args = ["--config", config, "--run-dir", str(run_dir)]
-    for item in [f"data.root={root}", *SMALL, *extra]:
+    for item in [f"data.root={root}", f"teacher.weights={weights}", *SMALL, *extra]:
         args += ["--set", item]
-    result = ray_cluster.submit(args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert moto_s3.secret_key not in result.stdout + result.stderr
+    out, summary = submit_ok(ray_cluster, args)
+    assert moto_s3.secret_key not in out
     store = Store(str(run_dir))
-    for stage in ("teacher", "images", "labels", "train"):
+    assert verify_shard(store, "teacher", "given") is not None
+    for stage in ("stats", "images", "labels", "train"):
         for shard in list_shards(store, stage):
             assert verify_shard(store, stage, shard) is not None, (stage, shard)
     assert len(list_shards(store, "images")) == 2  # 3 classes in shards of 2
+    assert summary["recover"]["shards_done"] == summary["relabel"]["shards_done"] == 2
     report = json.loads((run_dir / "report" / "report.json").read_text())
     assert report["ipc"] == 2 and report["label_records"] == CLASSES * 2 * 6 // 2
     assert report["label_bytes_logits"] == report["label_records"] * CLASSES * 2  # fp16 over the classes in use
-    assert 0.0 <= report["student_top1"] <= 1.0 and report["teacher_top1"] > 1 / CLASSES
+    # the given weights scored on the val split as here, in this process; the student's score is of those 60 images
+    assert report["teacher_top1"] == pytest.approx(teacher_top1, abs=1.01 / (CLASSES * VAL_PER_CLASS)) == summary["teacher"]["test_top1"]
+    assert report["student_top1"] == summary["train"]["student_top1"]
+    hits = report["student_top1"] * CLASSES * VAL_PER_CLASS
+    assert abs(hits - round(hits)) < 1e-6, report["student_top1"]
