@@ -284,13 +284,15 @@ def finished_run(ray_cluster, tmp_path_factory) -> FinishedRun:
 def cli(caplog, capsys, monkeypatch):
     """``lpld_ray.cli.main(argv)`` in this process, for input it must refuse before running any stage; returns (exit
     code, the ERROR log messages, everything printed). Should it not refuse, it fails instead of running stages."""
-    import lpld_ray.distributed.driver as driver
-    from lpld_ray.cli import main
+    import lpld_ray.cli as cli_module
 
     def not_refused(*_args, **_kwargs):
         raise AssertionError("the command was not refused: it went on to run stages")
 
-    monkeypatch.setattr(driver, "run_pipeline", not_refused, raising=False)
+    monkeypatch.setattr(cli_module, "init_ray", lambda: None)  # no Ray in the test process: a 2-CPU node instead
+    monkeypatch.setattr(cli_module, "node_resources", lambda: [{"CPU": 2.0}])
+    monkeypatch.setattr(cli_module, "run_pipeline", not_refused)
+    main = cli_module.main
     monkeypatch.chdir(REPO)
 
     def run(argv: list[str]) -> tuple[int, list[str], str]:

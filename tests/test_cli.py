@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import assert_one_line_error, run_cli, tree_snapshot
 
@@ -37,6 +39,8 @@ CASES = {
     "teacher missing": (["--set", "teacher.weights=/nonexistent/teacher.pt"], "/nonexistent/teacher.pt"),
     "unknown stage": (["--stages", "squeeze,distil"], "distil"),
     "bad config file": (["--config", "/nonexistent/x.yaml"], "/nonexistent/x.yaml"),
+    "not finite": (["--set", "recover.lr=.inf"], "bad value for 'recover.lr': inf (allowed: a finite number > 0)"),
+    "seed over 64 bits": (["--set", "seed=1e23"], "seed"),
 }
 
 
@@ -101,11 +105,11 @@ def test_train_without_labels_names_the_missing_stage(tmp_path, cli):
 def test_train_on_labels_of_an_unknown_schema_version_names_the_shard(tmp_path, cli):
     run = tmp_path / "future_labels"
     committed_shards(run, "images")
-    committed_shards(run, "labels", {"schema_version": 2, "records": 1})
+    committed_shards(run, "labels", {"schema_version": 99, "records": 1})
     before = tree_snapshot(run)
     assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(run), "--stages", "train"]),
-                          "train cannot read labels/shard-00000: label schema version 2 is not supported "
-                          "(supported: 1): run with --stages relabel,train")
+                          "train cannot read labels/shard-00000: label schema version 99 is not supported "
+                          "(supported: 2): run with --stages relabel,train")
     assert tree_snapshot(run) == before
 
 
@@ -151,3 +155,33 @@ def test_s3_wrong_credentials_fail_without_echoing_them(moto_s3, aws_env, cli, m
     error = assert_one_line_error(outcome, "access denied while listing the bucket of")
     assert "wrong-secret-4711" not in error + outcome[2]
     assert Store(f"s3://{bucket}/run", moto_s3.options()).list("") == []  # nothing was written
+
+
+@pytest.mark.parametrize("run_dir,fragment", [("", "--run-dir is empty"), ("memory://run", "memory:// store")])
+def test_run_dirs_no_ray_worker_can_reach_are_refused(run_dir, fragment, cli, tmp_path, monkeypatch):
+    preset = str(Path(PRESET).resolve())
+    monkeypatch.chdir(tmp_path)  # an empty --run-dir would otherwise be this folder
+    assert_one_line_error(cli(["--config", preset, "--run-dir", run_dir]), fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_new_refuses_a_folder_without_a_run_and_keeps_its_files(tmp_path, cli):
+    folder = tmp_path / "mine"
+    for rel in ("images/holiday.png", "report/notes.txt", "train/model.pt"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(b"the user's own")
+    before = tree_snapshot(folder)
+    assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(folder), "--force-new"]),
+                          "holds no run (no run.yaml), so there is nothing to start over")
+    assert tree_snapshot(folder) == before
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("teacher.num_workers=4", "teacher.num_workers x teacher.cpus_per_worker is 4 x 2 = 8 CPUs, but this Ray cluster "
+                              "has 2 (allowed: at most 2 CPUs in all)"),
+    ("runner.cpus_per_worker=8", "runner.cpus_per_worker is 8, but the largest node of this Ray cluster has 2 CPUs"),
+])
+def test_workers_the_cluster_cannot_hold_are_refused_before_anything_is_written(override, fragment, tmp_path, cli):
+    run = tmp_path / "new"
+    assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(run), "--set", override]), fragment)
+    assert not run.exists()

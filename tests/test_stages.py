@@ -179,3 +179,22 @@ def test_inputs_digests_follow_what_each_stage_reads(tmp_path):
     write_images(store, ipc=2, size=8, shards=SHARDS[1:])  # one images shard redone with other bytes
     after = (relabel_inputs(store, SHARDS, "a" * 64), train_inputs(store, SHARDS))
     assert before[0] != after[0] and before[1] != after[1]
+
+
+def test_starting_over_deletes_what_the_run_wrote_and_nothing_else(tmp_path):
+    from lpld_ray.pipeline.start_over import start_over, written_by_the_run
+
+    root = tmp_path / "run"
+    store = Store(str(root))
+    store.write_text("run.yaml", "schema_version: 1\nconfig: {}\n")
+    write_images(store, ipc=1, size=8, shards=SHARDS)
+    commit(store, "teacher", ["model"])
+    for rel in ("teacher/ray_train-0123/checkpoint_1/state.pt", "report/report.json", "report/contact_sheet.png"):
+        store.write_bytes(rel, b"written by the run")
+    mine = ["images/holiday.png", "images/shard-00000/notes.txt", "train/model.pt", "teacher/README", "data.csv"]
+    for rel in mine:
+        store.write_bytes(rel, b"the user's own")
+    assert written_by_the_run(store)[-1] == "run.yaml"  # the run record goes last
+    assert start_over(store) == 6 + 2 + 3 + 1  # 4 images + 2 manifests, teacher object + manifest, 3 others, run.yaml
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert left == sorted(mine)
