@@ -40,7 +40,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="delete this run directory's run.yaml and stage outputs and start over")
     parser.add_argument("--plan", action="store_true", help="print work units, storage and memory estimates; run nothing")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # e.g. `--set recover.ipc 5`: say what --set takes instead of argparse's "unrecognized arguments"
+        parser.error(f"unexpected argument '{extra[0]}' (allowed: the options of --help; --set takes KEY=VALUE as one "
+                     "word, e.g. --set recover.ipc=5)")
+    return args
 
 
 def parse_stages(text: str) -> list[str]:
@@ -71,6 +75,8 @@ def preflight(cfg: Config, run_dir: str) -> tuple[Store, int]:
     data_options = storage_options(cfg.storage, cfg.data.root)
     check_dataset(cfg.data, data_options)
     probe = load_dataset(cfg.data, "test", data_options)
+    if cfg.data.name != "image_folder":  # small files: read the training split now, not after run.yaml is written
+        load_dataset(cfg.data, "train", data_options)
     if cfg.teacher.weights:
         options = storage_options(cfg.storage, cfg.teacher.weights)
         load_weights(build_model(cfg.teacher.arch, probe.num_classes, probe.spec.channels, probe.spec.size),
@@ -97,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.plan:
         try:
+            parse_stages(args.stages)
+            check_run_dir(args.run_dir)
             show_plan(load_config(args.config, args.overrides))
         except LpldError as err:
             log.error("%s", err)

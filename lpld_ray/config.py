@@ -239,6 +239,14 @@ class Config(_Model):
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
+    @model_validator(mode="after")
+    def _real_images_exist(self) -> Config:
+        per_class = self.data.train_per_class
+        if self.recover.source == "real" and per_class is not None:
+            require(self.recover.ipc <= per_class, "recover.ipc", self.recover.ipc,
+                    f"at most data.train_per_class ({per_class}) with recover.source real")
+        return self
+
 
 # The dotted prefix of each section class when it is built on its own.
 _SECTION_OF: dict[type, str] = {f.annotation: name for name, f in Config.model_fields.items() if name != "seed"}

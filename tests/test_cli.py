@@ -185,3 +185,48 @@ def test_workers_the_cluster_cannot_hold_are_refused_before_anything_is_written(
     run = tmp_path / "new"
     assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(run), "--set", override]), fragment)
     assert not run.exists()
+
+
+def test_ordinary_mistakes_are_one_line_errors_not_tracebacks(tmp_path, cli):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(a_file)]), "is a file, not a folder")
+    assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(tmp_path / "r"), "--set",
+                               f"teacher.weights={tmp_path}"]), "is a folder (allowed: a file of torch.save'd weights)")
+    assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(tmp_path / "r"), "--set", "recover.source=real",
+                               "--set", "data.train_per_class=5", "--set", "recover.ipc=10"]),
+                          "at most data.train_per_class (5) with recover.source real")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_record_that_is_not_utf8_is_refused(existing_run, cli):
+    (existing_run / "run.yaml").write_bytes(b"\xff\xfe schema_version")
+    assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(existing_run)]), "is not a valid run record")
+
+
+def test_force_new_says_it_deletes_an_input_that_exists(tmp_path, cli):
+    run = tmp_path / "run"
+    committed_shards(run, "images")
+    (run / "run.yaml").write_text("schema_version: 1\nconfig: {}\n")
+    before = tree_snapshot(run)
+    error = assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(run), "--force-new", "--stages",
+                                       "relabel,train"]), "relabel needs the teacher stage's output")
+    assert "but teacher/model is missing (1 of 1 shards): run with --stages teacher,squeeze,recover,relabel" in error
+    error = assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(run), "--force-new", "--stages", "train"]),
+                                  "train needs the recover stage's output")
+    assert "but images/shard-00000 is deleted by --force-new: run with --stages" in error
+    assert tree_snapshot(run) == before
+
+
+def test_plan_checks_the_stages_and_the_run_dir(cli):
+    assert_one_line_error(cli(["--config", PRESET, "--plan", "--stages", "train,distil"]), "unknown stage 'distil'")
+    assert_one_line_error(cli(["--config", PRESET, "--plan", "--run-dir", "memory://x"]), "memory:// store")
+
+
+def test_set_with_a_space_says_what_set_takes(capsys):
+    from lpld_ray.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--set", "recover.ipc", "5"])
+    assert exit_info.value.code == 2
+    assert "unexpected argument '5'" in capsys.readouterr().err

@@ -446,3 +446,15 @@ def test_delete_tree_is_one_recursive_rm(store, monkeypatch):
     with pytest.raises(StorageError, match="delete_tree of the run root"):
         store.delete_tree("/")
     assert store.list("labels") == ["x.bin"]
+
+
+def test_an_object_store_without_its_fsspec_package_names_the_extra(monkeypatch):
+    import lpld_ray.store.storage as storage
+
+    def missing(*_args, **_kwargs):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(storage, "url_to_fs", missing)
+    with pytest.raises(StorageError, match=r"needs the s3 extra of lpld-ray, which is not installed: pip install "
+                                           r"'lpld-ray\[s3\]'"):
+        storage.Store("s3://bucket/run")

@@ -119,6 +119,8 @@ def _read_weights(uri: str, read_bytes: Callable[[str], bytes]) -> bytes:
         return read_bytes(uri)
     except FileNotFoundError as err:
         raise ModelError(f"teacher weights not found: '{uri}'") from err
+    except IsADirectoryError as err:
+        raise ModelError(f"teacher weights '{uri}' is a folder (allowed: a file of torch.save'd weights)") from err
     except StorageError as err:
         if "not found" in str(err):
             raise ModelError(f"teacher weights not found: '{uri}'") from err

@@ -43,9 +43,11 @@ def check_stage_inputs(cfg: Config, store: Store, asked: list[str], shards: list
             missing = missing_shards(store, producer, names, fresh)
             if missing:
                 chain = ",".join(stages_to_run(cfg, store, asked, shards, fresh))
-                raise LpldError(f"{stage.name} needs the {producer} stage's output, but "
-                                f"{BY_NAME[producer].folder}/{missing[0]} is missing ({len(missing)} of {len(names)} "
-                                f"shards): run with --stages {chain}")
+                where = f"{BY_NAME[producer].folder}/{missing[0]}"
+                gone = "is deleted by --force-new" if fresh and not missing_shards(store, producer, names, False) \
+                    else f"is missing ({len(missing)} of {len(names)} shards)"
+                raise LpldError(f"{stage.name} needs the {producer} stage's output, but {where} {gone}: "
+                                f"run with --stages {chain}")
             if producer == "relabel":
                 require_label_schema(store, names)
 

@@ -44,7 +44,7 @@ def check_run_record(store: Store, cfg: Config) -> bool:
     try:
         old = yaml.safe_load(store.read_text(RUN_RECORD))
         version, old_config = old["schema_version"], old["config"]
-    except (yaml.YAMLError, KeyError, TypeError):
+    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
         raise LpldError(f"'{store.uri(RUN_RECORD)}' is not a valid run record: use a new --run-dir") from None
     if not isinstance(version, int) or version > RUN_SCHEMA_VERSION:
         raise LpldError(

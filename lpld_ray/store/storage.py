@@ -9,6 +9,7 @@ import os
 import pickle
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 import fsspec
@@ -102,7 +103,12 @@ def _resolve(uri: str, options: dict | None) -> tuple[fsspec.AbstractFileSystem,
     options = copy.deepcopy(options or {})  # botocore edits nested dicts
     if _scheme(uri) in _LISTING_CACHED:
         options["use_listings_cache"] = False
-    return url_to_fs(uri, **options)
+    try:
+        return url_to_fs(uri, **options)
+    except ImportError:
+        extra = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}.get(_scheme(uri) or "", _scheme(uri))
+        raise StorageError(f"'{uri}' needs the {extra} extra of lpld-ray, which is not installed: "
+                           f"pip install 'lpld-ray[{extra}]'") from None
 
 
 @contextmanager
@@ -229,7 +235,10 @@ class Store:
 
     def check_reachable(self) -> None:
         """Fail early, writing nothing, when the bucket is missing, the credentials are refused or the store is down."""
-        if self._local or _scheme(self.root) == "memory":
+        if self._local:
+            self._check_local_root()
+            return
+        if _scheme(self.root) == "memory":
             return
         bucket = self._base.split("/", 1)[0]
         try:
@@ -237,6 +246,16 @@ class Store:
                 self._fs.ls(bucket, detail=False)  # unlike exists(), this raises PermissionError for refused credentials
         except FileNotFoundError:
             raise StorageError(f"bucket '{bucket}' of run directory '{self.root}' does not exist: create it, or fix --run-dir") from None
+
+    def _check_local_root(self) -> None:
+        """A local run directory is a folder (or not there yet) that this process may write."""
+        existing = Path(self._base)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StorageError(f"run directory '{self.root}': '{existing}' is a file, not a folder: give another --run-dir")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(f"run directory '{self.root}': '{existing}' is not writable: give a folder you may write")
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write one object; a reader sees the old bytes or the new ones, never a partial file (an S3 PUT is
