@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lpld_ray.config import DataConfig, TeacherConfig
 from lpld_ray.distributed.train import TrainerSpec
-from lpld_ray.distributed.train_loop import WorkerEnv, load_state, run_task, save_state
+from lpld_ray.distributed.train_loop import CHECKPOINT_FILE, WorkerEnv, load_state, run_task, save_state
 from lpld_ray.method.images import ImageSpec
 from lpld_ray.method.training import (
     EpochSchedule,
@@ -23,6 +23,7 @@ from lpld_ray.method.training import (
     evaluate_counts,
     rank_slice,
 )
+from lpld_ray.pipeline.history import HISTORY_OBJECT, read_history
 from lpld_ray.pipeline.teacher import (
     TEACHER_SHARD,
     TEACHER_STAGE,
@@ -64,6 +65,7 @@ class FakeTask:
     test_set: CountingSet = field(default_factory=lambda: CountingSet(40, 1))
     epochs_set: list = field(default_factory=list)
     commits: list = field(default_factory=list)
+    histories: list = field(default_factory=list)
     model: nn.Module | None = None
 
     def setup(self, rank: int, world: int) -> TrainSetup:
@@ -76,8 +78,10 @@ class FakeTask:
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=steps_per_epoch, gamma=0.9)
 
-    def commit(self, model: nn.Module, test_top1: float, resumed_from: int, seconds: float) -> None:
+    def commit(self, model: nn.Module, test_top1: float, resumed_from: int, seconds: float,
+               history: list[dict] | None = None) -> None:
         self.commits.append((test_top1, resumed_from))
+        self.histories.append(history)
 
     @property
     def evaluations(self) -> int:
@@ -178,9 +182,9 @@ def test_restore_returns_the_next_epoch_and_resumes_there(tmp_path):
     task = FakeTask(EpochSchedule(5, eval_every=2, checkpoint_every=2))
     task.setup(0, 1)
     opt, sched = task.optimizer(task.model, 4)
-    assert load_state(str(checkpoint), task.model, opt, sched) == (4, first_reports[1][0]["test_top1"])
+    assert load_state(str(checkpoint), task.model, opt, sched)[:2] == (4, first_reports[1][0]["test_top1"])
     assert sched.last_epoch == 16  # the schedule stepped once per batch of 4 epochs
-    assert load_state(None, task.model, opt, sched) == (0, None)
+    assert load_state(None, task.model, opt, sched) == (0, None, [])
 
     resumed = FakeTask(EpochSchedule(5, eval_every=2, checkpoint_every=2))
     (tmp_path / "b").mkdir()
@@ -218,6 +222,10 @@ def test_teacher_trains_and_commits_through_the_loop(tmp_path):
     manifest = verify_shard(store, TEACHER_STAGE, TEACHER_SHARD)
     assert manifest is not None and manifest.meta["test_top1"] == reports[-1][0]["test_top1"]
     assert manifest.meta["resumed_from"] == 0
+    assert HISTORY_OBJECT in [e.name for e in manifest.objects]  # verified with the weights
+    history = read_history(store, TEACHER_STAGE, TEACHER_SHARD)
+    assert [(r["epoch"], r["loss"], r.get("test_top1")) for r in history] == [
+        (m["epoch"], m["loss"], m.get("test_top1")) for m, _ in reports]
 
 
 def test_teacher_run_key_names_the_same_run_for_the_same_inputs():
@@ -230,3 +238,48 @@ def test_teacher_run_key_names_the_same_run_for_the_same_inputs():
     assert spec.run_name == f"ray_train-{key[:16]}" and spec.inputs == ""
     assert (spec.checkpoints_to_keep, spec.max_failures) == (cfg.checkpoints_to_keep, cfg.max_failures)
     assert TrainerSpec(1, 1, inputs="abc").run_name == "ray_train-abc"
+
+
+def test_history_keeps_every_epoch_with_top1_where_evaluated(tmp_path):
+    task = FakeTask(EpochSchedule(5, eval_every=2, checkpoint_every=2))
+    env, reports = fake_env(tmp_path)
+    run_task(task, env)
+    [history] = task.histories
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in history if "test_top1" in r] == [2, 4, 5]
+    assert {r["epoch"]: r["test_top1"] for r in history if "test_top1" in r} == {
+        m["epoch"]: m["test_top1"] for m, _ in reports}
+    assert {r["epoch"]: r["loss"] for r in history if r["epoch"] in (2, 4, 5)} == {m["epoch"]: m["loss"] for m, _ in reports}
+    assert all(r["seconds"] >= 0 and set(r) <= {"epoch", "loss", "test_top1", "seconds"} for r in history)
+    assert history[0]["loss"] > history[-1]["loss"]  # it learned
+
+
+def test_history_survives_a_resume(tmp_path):
+    first = FakeTask(EpochSchedule(5, eval_every=2, checkpoint_every=2))
+    (tmp_path / "a").mkdir()
+    run_task(first, fake_env(tmp_path / "a")[0])
+    resumed = FakeTask(EpochSchedule(5, eval_every=2, checkpoint_every=2))
+    (tmp_path / "b").mkdir()
+    run_task(resumed, fake_env(tmp_path / "b", resume_from=tmp_path / "a" / "epoch-4")[0])
+    [full], [after] = first.histories, resumed.histories
+    assert [r["epoch"] for r in after] == [1, 2, 3, 4, 5]  # epochs 1-4 from the checkpoint, 5 trained again
+    assert after[:4] == full[:4]
+    assert after[4]["loss"] == pytest.approx(full[4]["loss"]) and after[4]["test_top1"] == full[4]["test_top1"]
+    # the checkpoint of epoch 5 keeps the whole history again, for a later resume
+    task = FakeTask(EpochSchedule(5, eval_every=2, checkpoint_every=2))
+    task.setup(0, 1)
+    opt, sched = task.optimizer(task.model, 4)
+    assert [r["epoch"] for r in load_state(str(tmp_path / "b" / "epoch-5"), task.model, opt, sched)[2]] == [1, 2, 3, 4, 5]
+
+
+def test_a_checkpoint_without_history_still_resumes_with_an_empty_one(tmp_path):
+    task = FakeTask(EpochSchedule(3, eval_every=1, checkpoint_every=1))
+    task.setup(0, 1)
+    opt, sched = task.optimizer(task.model, 4)
+    old = {"model": task.model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+           "epoch": 2}  # a student checkpoint of before test_top1 and history were kept
+    torch.save(old, tmp_path / CHECKPOINT_FILE)
+    assert load_state(str(tmp_path), task.model, opt, sched) == (2, None, [])
+    again = FakeTask(EpochSchedule(3, eval_every=1, checkpoint_every=1))
+    run_task(again, fake_env(tmp_path / "out", resume_from=tmp_path)[0])
+    assert [r["epoch"] for r in again.histories[0]] == [3]

@@ -31,8 +31,10 @@ from lpld_ray.distributed.train import TrainerSpec, train_once
 from lpld_ray.method.squeeze import reduce_in_order
 from lpld_ray.pipeline.labels import current_labels
 from lpld_ray.pipeline.plan import require_verified, workers_that_fit
+from lpld_ray.pipeline.plots import training_histories
 from lpld_ray.pipeline.progress import Progress
 from lpld_ray.pipeline.report import build_report, human_summary, write_report
+from lpld_ray.pipeline.report_md import write_report_md
 from lpld_ray.pipeline.shards import GLOBAL_SHARD, ClassShard, plan_class_shards
 from lpld_ray.pipeline.sheet import write_contact_sheet
 from lpld_ray.pipeline.stages import (
@@ -127,7 +129,8 @@ def run_recover(ctx: StageRun) -> dict:
             lambda actor, shard: actor.recover.remote(shard, cfg.recover, cfg.seed, inputs[shard.name]),
             cfg.runner,
         )
-    sheet = write_contact_sheet(store, shards)
+    class_names = load_dataset(cfg.data, "test", data_options(cfg)).class_names  # the sheet's row labels
+    sheet = write_contact_sheet(store, shards, class_names)
     log.info("recover: contact sheet at %s", sheet)
     return {"shards_done": len(pending), "contact_sheet": sheet}
 
@@ -164,7 +167,8 @@ def run_train(cfg: Config, store: Store, shards: list[ClassShard]) -> dict:
 
 
 def run_report(ctx: StageRun) -> dict:
-    """report/report.json from the committed shards, and the human summary line."""
+    """report/report.json from the committed shards, report/report.md (with the training curve) for people, and the
+    human summary line."""
     cfg, store, summary = ctx.cfg, ctx.store, ctx.summary
 
     student = read_manifest(store, STUDENT_STAGE, STUDENT_SHARD)
@@ -172,9 +176,12 @@ def run_report(ctx: StageRun) -> dict:
     report = build_report(store, cfg, recorded_teacher_top1(store, bool(cfg.teacher.weights)),
                           student.meta.get("student_top1") if student else None, walls)
     uri = write_report(store, report)
+    class_names = load_dataset(cfg.data, "test", data_options(cfg)).class_names  # the contact sheet's legend
+    markdown = write_report_md(store, report, class_names, training_histories(store, bool(cfg.teacher.weights)))
     log.info("report: %s", uri)
     log.info("summary: %s", human_summary(report))
-    return {"report": uri}
+    log.info("report to read: %s", markdown)
+    return {"report": uri, "report_md": markdown}
 
 
 @dataclass

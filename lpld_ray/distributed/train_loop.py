@@ -47,7 +47,8 @@ class TrainTask(Protocol):
 
     def optimizer(self, model: nn.Module, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]: ...
 
-    def commit(self, model: nn.Module, test_top1: float, resumed_from: int, seconds: float) -> None: ...
+    def commit(self, model: nn.Module, test_top1: float, resumed_from: int, seconds: float,
+               history: list[dict] | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -64,23 +65,26 @@ class WorkerEnv:
     all_reduce_sum: Callable[[torch.Tensor], None]  # in place, across the worker group
 
 
-def save_state(folder: str, model: nn.Module, optimizer, scheduler, epoch: int, test_top1: float | None) -> None:
-    """Write the training state after ``epoch`` finished epochs (and the last test top-1) into ``folder``."""
+def save_state(folder: str, model: nn.Module, optimizer, scheduler, epoch: int, test_top1: float | None,
+               history: list[dict] | None = None) -> None:
+    """Write the training state after ``epoch`` finished epochs (the last test top-1, the per-epoch history)
+    into ``folder``."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "epoch": epoch, "test_top1": test_top1}
+             "epoch": epoch, "test_top1": test_top1, "history": list(history or [])}
     torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
 
 
-def load_state(folder: str | None, model: nn.Module, optimizer, scheduler) -> tuple[int, float | None]:
-    """Load a checkpoint folder into the model, optimizer and scheduler: (next epoch, 0-based; last test top-1).
-    No folder: (0, None)."""
+def load_state(folder: str | None, model: nn.Module, optimizer, scheduler) -> tuple[int, float | None, list[dict]]:
+    """Load a checkpoint folder into the model, optimizer and scheduler: (next epoch, 0-based; last test top-1;
+    the history of the epochs before). No folder: (0, None, [])."""
     if folder is None:
-        return 0, None
+        return 0, None, []
     state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return int(state["epoch"]), state.get("test_top1")  # older student checkpoints lack test_top1
+    # older checkpoints lack test_top1 (students) or the history (both): it starts empty then
+    return int(state["epoch"]), state.get("test_top1"), list(state.get("history") or [])
 
 
 def sharded_top1(model: nn.Module, loader: DataLoader, setup: TrainSetup, env: WorkerEnv) -> float:
@@ -95,7 +99,7 @@ def sharded_top1(model: nn.Module, loader: DataLoader, setup: TrainSetup, env: W
 
 def run_task(task: TrainTask, env: WorkerEnv) -> None:
     """Train ``task`` from its last checkpoint to its last epoch; rank 0 then commits the weights with the test
-    top-1 of the last evaluation (which the last epoch always does, once)."""
+    top-1 of the last evaluation (which the last epoch always does, once) and the per-epoch history."""
     torch.manual_seed(torch_seed(Stream.MODEL_INIT, task.seed))
     setup = task.setup(env.rank, env.world)
     model = env.prepare_model(setup.model.to(memory_format=torch.channels_last))
@@ -103,7 +107,7 @@ def run_task(task: TrainTask, env: WorkerEnv) -> None:
     loader = env.prepare_loader(setup.train_loader)
     optimizer, scheduler = task.optimizer(model, len(loader))
     with env.latest_checkpoint() as folder:
-        start, top1 = load_state(folder, bare, optimizer, scheduler)
+        start, top1, history = load_state(folder, bare, optimizer, scheduler)
     if start:
         log.info("%s: resuming from the checkpoint of epoch %d", task.label, start)
     schedule = task.schedule
@@ -111,23 +115,33 @@ def run_task(task: TrainTask, env: WorkerEnv) -> None:
     test_loader = DataLoader(test_part, batch_size=setup.eval_batch_size)
     started = time.time()
     for epoch in range(start, schedule.epochs):
+        epoch_started = time.time()
         setup.set_epoch(epoch)  # the same order whether or not the run was resumed
         loss = train_epoch(model, loader, setup.loss_fn, optimizer, scheduler, setup.spec, env.device, setup.augment)
         done = epoch + 1
         metrics = {"epoch": done, "loss": loss, "resumed_from": start}
         if schedule.evaluates(done):
             top1 = metrics["test_top1"] = sharded_top1(bare, test_loader, setup, env)
+        history.append(epoch_record(metrics, time.time() - epoch_started))
         if env.rank == 0:
             log.info("%s epoch %d/%d loss %.4f%s", task.label, done, schedule.epochs, loss,
                      f" test top-1 {top1:.4f}" if "test_top1" in metrics else "")
         if schedule.reports(done):  # every rank, on the same epochs: a report is a barrier
             saving = env.rank == 0 and schedule.checkpoints(done)
             _report(env, metrics, partial(save_state, model=bare, optimizer=optimizer, scheduler=scheduler,
-                                          epoch=done, test_top1=top1) if saving else None)
+                                          epoch=done, test_top1=top1, history=history) if saving else None)
     if top1 is None:  # resumed past the last epoch from a checkpoint that did not keep its top-1
         top1 = sharded_top1(bare, test_loader, setup, env)
     if env.rank == 0:
-        task.commit(bare, test_top1=top1, resumed_from=start, seconds=time.time() - started)
+        task.commit(bare, test_top1=top1, resumed_from=start, seconds=time.time() - started, history=history)
+
+
+def epoch_record(metrics: dict, seconds: float) -> dict:
+    """One epoch of the history: its number, mean loss, test top-1 (on evaluated epochs) and wall seconds."""
+    record = {"epoch": int(metrics["epoch"]), "loss": float(metrics["loss"]), "seconds": round(seconds, 3)}
+    if "test_top1" in metrics:
+        record["test_top1"] = float(metrics["test_top1"])
+    return record
 
 
 def _report(env: WorkerEnv, metrics: dict, checkpoint: Callable[[str], None] | None) -> None:

@@ -42,6 +42,7 @@ def build_report(store: Store, cfg: Config, teacher_top1: float | None, student_
         "ipc": cfg.recover.ipc,
         "compression": cfg.relabel.compression,
         "batching": cfg.recover.batching,
+        "source": cfg.recover.source,
         "epochs": cfg.train.epochs,
         "label_records": label_meta_sum(store, "records"),
         "image_bytes": stage_bytes(store, IMAGES_STAGE),

@@ -1,13 +1,18 @@
-"""The contact sheet: one row per class of the first classes, a few images each, read and decoded only as shown."""
+"""The contact sheet: one row per class of the first classes, labelled with the class name, a few images each,
+read and decoded only as shown."""
 
 from __future__ import annotations
 
+import io
+import os
+from functools import lru_cache
+
+import matplotlib
 import torch
-import torch.nn.functional as F
-from torchvision.utils import make_grid
+from PIL import Image, ImageDraw, ImageFont
 
 from lpld_ray.pipeline.shards import ClassShard
-from lpld_ray.store.codecs import decode_png_uint8, encode_png
+from lpld_ray.store.codecs import decode_png_uint8
 from lpld_ray.store.layout import IMAGES_STAGE, REPORT_STAGE
 from lpld_ray.store.manifest import read_manifest, read_object
 from lpld_ray.store.storage import Store
@@ -16,6 +21,12 @@ SHEET_OBJECT = f"{REPORT_STAGE}/contact_sheet.png"
 SHEET_CLASSES = 100  # rows
 SHEET_PER_CLASS = 10  # columns
 THUMBNAIL_PX = 96  # larger images are shown downscaled, so the sheet is bounded at any image size
+MIN_CELL_PX = 64  # smaller images are shown upscaled (pixel-exact, by a whole factor) to at least this side
+PADDING_PX = 2
+LABEL_FONT_PX = 18
+LABEL_MARGIN_PX = 8
+LABEL_MAX_CHARS = 28  # longer class names are cut with an ellipsis
+FONT_FILE = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
 
 
 def sheet_objects(store: Store, shards: list[ClassShard], max_classes: int, per_class: int) -> list[tuple[str, str]]:
@@ -30,32 +41,66 @@ def sheet_objects(store: Store, shards: list[ClassShard], max_classes: int, per_
     return shown
 
 
-def thumbnail(image: torch.Tensor, size: int = THUMBNAIL_PX) -> torch.Tensor:
-    """A [C,H,W] uint8 image as float in [0,1], downscaled (antialiased) when its side exceeds ``size``."""
-    x = image.float().unsqueeze(0) / 255.0
-    if x.shape[-1] > size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x[0]
+def cell_px(side: int) -> int:
+    """The side of a sheet cell for images of ``side`` px: downscaled to THUMBNAIL_PX, or upscaled by a whole
+    factor to at least MIN_CELL_PX."""
+    if side > THUMBNAIL_PX:
+        return THUMBNAIL_PX
+    return side * max(1, -(-MIN_CELL_PX // side))
+
+
+def thumbnail(image: torch.Tensor, side: int) -> Image.Image:
+    """A [C,H,W] uint8 image as an RGB cell of ``side`` px: antialiased when smaller, nearest when larger."""
+    array = image.permute(1, 2, 0).numpy()
+    pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)  # L or RGB, from the uint8 shape
+    shrink = side < max(pil.size)
+    resample = Image.Resampling.LANCZOS if shrink else Image.Resampling.NEAREST
+    return pil.convert("RGB").resize((side, side), resample)
+
+
+@lru_cache(maxsize=4)
+def label_font(size: int = LABEL_FONT_PX) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans (shipped with matplotlib) at ``size`` px; Pillow's own font when that file is absent."""
+    if os.path.exists(FONT_FILE):
+        return ImageFont.truetype(FONT_FILE, size)
+    return ImageFont.load_default(size)
+
+
+def row_label(class_id: int, class_names: list[str] | None) -> str:
+    """The class name of a row (cut to LABEL_MAX_CHARS), or ``class <id>`` without names."""
+    name = class_names[class_id] if class_names and class_id < len(class_names) else f"class {class_id}"
+    return name if len(name) <= LABEL_MAX_CHARS else name[:LABEL_MAX_CHARS - 1] + "\u2026"
 
 
 def contact_sheet(store: Store, shards: list[ClassShard], max_classes: int = SHEET_CLASSES,
-                  per_class: int = SHEET_PER_CLASS) -> bytes:
-    """PNG bytes of the grid; each shown object is read once and checked against its manifest."""
+                  per_class: int = SHEET_PER_CLASS, class_names: list[str] | None = None) -> bytes:
+    """PNG bytes of the labelled grid; each shown object is read once and checked against its manifest."""
     rows: dict[int, list[torch.Tensor]] = {}
     manifests = {}
     for shard, name in sheet_objects(store, shards, max_classes, per_class):
         manifest = manifests.setdefault(shard, read_manifest(store, IMAGES_STAGE, shard))
-        image = decode_png_uint8(read_object(store, IMAGES_STAGE, shard, name, manifest))
-        rows.setdefault(int(name[:5]), []).append(thumbnail(image))
-    cells = []
-    for images in rows.values():
-        blank = torch.ones_like(images[0])
-        cells += images + [blank] * (per_class - len(images))
-    grid = make_grid(torch.stack(cells), nrow=per_class, padding=2, pad_value=1.0)
-    return encode_png(grid)
+        rows.setdefault(int(name[:5]), []).append(decode_png_uint8(read_object(store, IMAGES_STAGE, shard, name,
+                                                                                  manifest)))
+    if not rows:
+        raise ValueError("no images to show on the contact sheet")
+    side = cell_px(max(next(iter(rows.values()))[0].shape[1:]))
+    labels = {c: row_label(c, class_names) for c in rows}
+    font = label_font()
+    label_w = int(max(font.getlength(text) for text in labels.values())) + 2 * LABEL_MARGIN_PX
+    step = side + PADDING_PX
+    sheet = Image.new("RGB", (label_w + PADDING_PX + per_class * step, PADDING_PX + len(rows) * step), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, class_id in enumerate(sorted(rows)):
+        top = PADDING_PX + r * step
+        draw.text((label_w - LABEL_MARGIN_PX, top + side // 2), labels[class_id], fill="black", font=font, anchor="rm")
+        for col, image in enumerate(rows[class_id]):
+            sheet.paste(thumbnail(image, side), (label_w + PADDING_PX + col * step, top))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
 
 
-def write_contact_sheet(store: Store, shards: list[ClassShard]) -> str:
-    """Write ``report/contact_sheet.png``; returns its URI."""
-    store.write_bytes(SHEET_OBJECT, contact_sheet(store, shards))
+def write_contact_sheet(store: Store, shards: list[ClassShard], class_names: list[str] | None = None) -> str:
+    """Write ``report/contact_sheet.png`` with rows labelled by ``class_names``; returns its URI."""
+    store.write_bytes(SHEET_OBJECT, contact_sheet(store, shards, class_names=class_names))
     return store.uri(SHEET_OBJECT)

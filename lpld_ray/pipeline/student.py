@@ -21,6 +21,7 @@ from lpld_ray.method.training import (
     make_optimizer,
     make_scheduler,
 )
+from lpld_ray.pipeline.history import put_history
 from lpld_ray.store.layout import STUDENT_STAGE
 from lpld_ray.store.manifest import ShardWriter
 from lpld_ray.store.storage import Store
@@ -92,9 +93,12 @@ class StudentJob:
         optimizer = make_optimizer(model, self.train)
         return optimizer, make_scheduler(optimizer, self.train, steps_per_epoch)
 
-    def commit(self, model: nn.Module, test_top1: float, resumed_from: int, seconds: float) -> None:
-        """The train/model shard: the weights, then the manifest with the last test top-1 and the inputs."""
+    def commit(self, model: nn.Module, test_top1: float, resumed_from: int, seconds: float,
+               history: list[dict] | None = None) -> None:
+        """The train/model shard: the weights and the per-epoch history, then the manifest with the last test top-1
+        and the inputs."""
         writer = ShardWriter(self.store, STUDENT_STAGE, STUDENT_SHARD)
         writer.put(STUDENT_OBJECT, save_weights_bytes(model))
+        put_history(writer, history)
         writer.commit(self.seed, {"arch": self.train.arch, "epochs": self.train.epochs, "resumed_from": resumed_from,
                                   "inputs": self.inputs, "student_top1": test_top1, "seconds": seconds})

@@ -18,6 +18,7 @@ from lpld_ray.errors import LpldError
 from lpld_ray.method.models import build_model, build_teacher, save_weights_bytes
 from lpld_ray.method.rng import sampler_seed
 from lpld_ray.method.training import EpochSchedule, TrainSetup, evaluate, random_flip
+from lpld_ray.pipeline.history import put_history
 from lpld_ray.store.layout import TEACHER_STAGE
 from lpld_ray.store.manifest import (
     ShardWriter,
@@ -91,10 +92,12 @@ class TeacherJob:
             raise LpldError(f"teacher.batch_size {cfg.batch_size} leaves no batch per worker: use a smaller one")
         return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
 
-    def commit(self, model: nn.Module, test_top1: float, resumed_from: int, seconds: float) -> None:
-        """The teacher/model shard: the weights, then the manifest with the last test top-1."""
+    def commit(self, model: nn.Module, test_top1: float, resumed_from: int, seconds: float,
+               history: list[dict] | None = None) -> None:
+        """The teacher/model shard: the weights and the per-epoch history, then the manifest with the last test top-1."""
         writer = ShardWriter(self.store, TEACHER_STAGE, TEACHER_SHARD)
         writer.put(TEACHER_OBJECT, save_weights_bytes(model))
+        put_history(writer, history)
         writer.commit(self.seed, {"arch": self.teacher.arch, "test_top1": test_top1, "epochs": self.teacher.epochs,
                                   "resumed_from": resumed_from, "seconds": seconds})
 
