@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from lpld_ray.config import DATASETS, DataConfig
+from lpld_ray.data.base import ClassDataset, class_count, class_rank, select_indices
+from lpld_ray.data.folder import check_folder, folder_class_names, load_folder
 from lpld_ray.errors import DataError
 from lpld_ray.method.images import (
     DIGITS_SPEC,
     FASHION_SPEC,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ImageSpec,
 )
 
@@ -34,50 +34,6 @@ IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 DIGITS_TRAIN_FRACTION = 0.8
 DIGITS_NEEDS_SKLEARN = "dataset 'digits' needs scikit-learn, which is not installed: pip install scikit-learn"
-
-
-class ClassDataset(torch.utils.data.Dataset):
-    """Real images with integer labels, addressable by class."""
-
-    def __init__(self, spec: ImageSpec, targets: torch.Tensor, class_names: list[str]) -> None:
-        self.spec = spec
-        self.targets = targets.to(torch.int64)
-        self.class_names = list(class_names)
-        self.num_classes = len(self.class_names)
-
-    def __len__(self) -> int:
-        return int(self.targets.numel())
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.image(i), int(self.targets[i])
-
-    def image(self, i: int) -> torch.Tensor:
-        """Image ``i`` as float32 [C,S,S] in [0,1], not normalised."""
-        raise NotImplementedError
-
-    def images(self, idx: torch.Tensor) -> torch.Tensor:
-        """Images at ``idx`` stacked to [len(idx),C,S,S]."""
-        if idx.numel() == 0:
-            return torch.empty(0, self.spec.channels, self.spec.size, self.spec.size)
-        return torch.stack([self.image(int(i)) for i in idx])
-
-    def subset(self, idx: torch.Tensor) -> "ClassDataset":
-        """The samples at ``idx`` (in that order), as a dataset of the same kind and classes."""
-        raise NotImplementedError
-
-    def indices_of_class(self, c: int) -> torch.Tensor:
-        return torch.nonzero(self.targets == c).flatten()
-
-    def class_images(self, c: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The first ``count`` images of class ``c``, or a random subset of them with ``generator``."""
-        if not 0 <= c < self.num_classes:
-            raise DataError(f"class {c} is out of range: the dataset has classes 0..{self.num_classes - 1}")
-        idx = self.indices_of_class(c)
-        if idx.numel() < count:
-            raise DataError(f"class {c} ('{self.class_names[c]}') has {idx.numel()} images but {count} were asked for")
-        if generator is not None:
-            idx = idx[torch.randperm(idx.numel(), generator=generator)[:count]]
-        return self.images(idx[:count])
 
 
 class TensorClassDataset(ClassDataset):
@@ -99,15 +55,6 @@ class TensorClassDataset(ClassDataset):
         return TensorClassDataset(self.pixels[idx], self.targets[idx], self.scale, self.spec, self.class_names)
 
 
-def image_spec(cfg: DataConfig) -> ImageSpec:
-    """Shape and normalisation of the configured dataset's images, without reading it."""
-    if cfg.name == "fashion_mnist":
-        return FASHION_SPEC
-    if cfg.name == "digits":
-        return DIGITS_SPEC
-    return ImageSpec(3, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
-
-
 def load_dataset(cfg: DataConfig, split: str, options: dict | None = None) -> ClassDataset:
     """Load ``split`` ("train" or "test") of the dataset ``cfg`` names, with its class/count limits
     (``options``: fsspec options of an image_folder root on object storage)."""
@@ -118,13 +65,20 @@ def load_dataset(cfg: DataConfig, split: str, options: dict | None = None) -> Cl
     elif cfg.name == "digits":
         ds = _load_digits(cfg, split)
     elif cfg.name == "image_folder":
-        from lpld_ray.data.folder import load_folder
-
         ds = load_folder(cfg, split, options)
     else:
         raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASETS)}")
     log.info("loaded %s %s: %d images, %d classes", cfg.name, split, len(ds), ds.num_classes)
     return ds
+
+
+def class_names(cfg: DataConfig, options: dict | None = None) -> list[str]:
+    """The names of the configured classes, without reading images (an ImageFolder: one listing of train/)."""
+    if cfg.name == "fashion_mnist":
+        return list(FASHION_CLASSES[:class_count(cfg, len(FASHION_CLASSES))])
+    if cfg.name == "digits":
+        return [str(d) for d in range(class_count(cfg, 10))]
+    return folder_class_names(cfg, options)
 
 
 def check_dataset(cfg: DataConfig, options: dict | None = None) -> None:
@@ -140,8 +94,6 @@ def check_dataset(cfg: DataConfig, options: dict | None = None) -> None:
             raise DataError(DIGITS_NEEDS_SKLEARN)
         class_count(cfg, 10)
     elif cfg.name == "image_folder":
-        from lpld_ray.data.folder import check_folder
-
         check_folder(cfg, options)
     else:
         raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASETS)}")
@@ -153,34 +105,6 @@ def _local_root(root: str) -> Path:
     if "://" in root:
         raise DataError(f"data.root '{root}' is not a local directory: real datasets are read from local paths")
     return Path(root).expanduser()
-
-
-def class_count(cfg: DataConfig, available: int) -> int:
-    """Number of classes to keep: cfg.num_classes, checked against what the dataset has."""
-    n = available if cfg.num_classes is None else cfg.num_classes
-    if not 1 <= n <= available:
-        raise DataError(f"data.num_classes is {n} but dataset '{cfg.name}' has {available} classes: "
-                        f"use at most {available}, or null for all")
-    return n
-
-
-def _class_rank(labels: torch.Tensor) -> torch.Tensor:
-    """For each sample, how many earlier samples (in order) share its label."""
-    order = torch.argsort(labels, stable=True)
-    sorted_labels = labels[order]
-    first = torch.searchsorted(sorted_labels, sorted_labels)
-    rank = torch.empty_like(labels)
-    rank[order] = torch.arange(labels.numel()) - first
-    return rank
-
-
-def select_indices(labels: torch.Tensor, cfg: DataConfig, split: str, available: int) -> tuple[torch.Tensor, int]:
-    """Indices kept (in file order) after the num_classes and, for train, train_per_class limits; and N."""
-    n = class_count(cfg, available)
-    keep = labels < n
-    if split == "train" and cfg.train_per_class is not None:
-        keep &= _class_rank(labels) < cfg.train_per_class
-    return torch.nonzero(keep).flatten(), n
 
 
 def _require_fashion_file(path: Path) -> None:
@@ -234,7 +158,7 @@ def _load_digits(cfg: DataConfig, split: str) -> ClassDataset:
     pixels = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # values 0..16
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     train_count = (torch.bincount(labels, minlength=10).double() * DIGITS_TRAIN_FRACTION).floor().long()
-    in_train = _class_rank(labels) < train_count[labels]
+    in_train = class_rank(labels) < train_count[labels]
     part = torch.nonzero(in_train if split == "train" else ~in_train).flatten()
     pixels, labels = pixels[part], labels[part]
     idx, n = select_indices(labels, cfg, split, 10)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from lpld_ray.config import DataConfig
-from lpld_ray.data.datasets import ClassDataset, class_count, image_spec, select_indices
+from lpld_ray.data.base import ClassDataset, class_count, image_spec, select_indices
 from lpld_ray.errors import DataError, StorageError
 from lpld_ray.method.images import ImageSpec
 from lpld_ray.store.storage import Store, check_uri
@@ -130,6 +130,16 @@ def load_folder(cfg: DataConfig, split: str, options: dict | None = None) -> Fol
     targets = torch.tensor(labels, dtype=torch.int64)
     idx, _ = select_indices(targets, cfg, split, len(all_classes))
     return FolderClassDataset(store, [files[i] for i in idx.tolist()], targets[idx], image_spec(cfg), classes)
+
+
+def folder_class_names(cfg: DataConfig, options: dict | None = None) -> list[str]:
+    """The class folder names of the tree at ``cfg.root`` that the config uses (one listing of train/)."""
+    store = open_folder(cfg.root, options)
+    try:
+        names = folder_classes(store)
+    except StorageError as err:
+        raise DataError(f"image_folder '{cfg.root}' cannot be read: {err}") from None
+    return names[:class_count(cfg, len(names))]
 
 
 def check_folder(cfg: DataConfig, options: dict | None = None) -> None:

@@ -10,7 +10,8 @@ import ray
 import torch
 
 from lpld_ray.config import Config, DataConfig, RecoverConfig, RelabelConfig
-from lpld_ray.data.datasets import ClassDataset, image_spec, load_dataset
+from lpld_ray.data.base import ClassDataset, image_spec
+from lpld_ray.data.datasets import load_dataset
 from lpld_ray.distributed.cluster import actor_options
 from lpld_ray.method.models import build_teacher
 from lpld_ray.pipeline.shards import ClassShard

@@ -13,7 +13,7 @@ import ray
 from lpld_ray.config import (
     Config,
 )
-from lpld_ray.data.datasets import load_dataset
+from lpld_ray.data.datasets import class_names, load_dataset
 from lpld_ray.distributed.actors import (
     data_options,
     evaluate_teacher_task,
@@ -129,8 +129,7 @@ def run_recover(ctx: StageRun) -> dict:
             lambda actor, shard: actor.recover.remote(shard, cfg.recover, cfg.seed, inputs[shard.name]),
             cfg.runner,
         )
-    class_names = load_dataset(cfg.data, "test", data_options(cfg)).class_names  # the sheet's row labels
-    sheet = write_contact_sheet(store, shards, class_names)
+    sheet = write_contact_sheet(store, shards, class_names(cfg.data, data_options(cfg)))
     log.info("recover: contact sheet at %s", sheet)
     return {"shards_done": len(pending), "contact_sheet": sheet}
 
@@ -176,8 +175,8 @@ def run_report(ctx: StageRun) -> dict:
     report = build_report(store, cfg, recorded_teacher_top1(store, bool(cfg.teacher.weights)),
                           student.meta.get("student_top1") if student else None, walls)
     uri = write_report(store, report)
-    class_names = load_dataset(cfg.data, "test", data_options(cfg)).class_names  # the contact sheet's legend
-    markdown = write_report_md(store, report, class_names, training_histories(store, bool(cfg.teacher.weights)))
+    names = class_names(cfg.data, data_options(cfg))  # the contact sheet's legend
+    markdown = write_report_md(store, report, names, training_histories(store, bool(cfg.teacher.weights)))
     log.info("report: %s", uri)
     log.info("summary: %s", human_summary(report))
     log.info("report to read: %s", markdown)

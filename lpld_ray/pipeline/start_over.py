@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from lpld_ray.errors import LpldError
+from lpld_ray.pipeline.plots import CURVE_OBJECT
 from lpld_ray.pipeline.report import REPORT_OBJECT
+from lpld_ray.pipeline.report_md import REPORT_MD_OBJECT
 from lpld_ray.pipeline.sheet import SHEET_OBJECT
 from lpld_ray.pipeline.stages import STAGES
 from lpld_ray.store.layout import RUN_RECORD, TRAIN_RUN_PREFIX
@@ -23,7 +25,7 @@ def written_by_the_run(store: Store) -> list[str]:
             objects.append(f"{stage.folder}/{shard}/{MANIFEST_NAME}")
         objects += [f"{stage.folder}/{name}" for name in store.list(stage.folder)
                     if name.startswith(TRAIN_RUN_PREFIX) and "/" in name]
-    objects += [rel for rel in (REPORT_OBJECT, SHEET_OBJECT) if store.exists(rel)]
+    objects += [rel for rel in (REPORT_OBJECT, REPORT_MD_OBJECT, SHEET_OBJECT, CURVE_OBJECT) if store.exists(rel)]
     return [*objects, RUN_RECORD]
 
 

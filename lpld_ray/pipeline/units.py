@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lpld_ray.config import RecoverConfig
-from lpld_ray.data.datasets import ClassDataset
+from lpld_ray.data.base import ClassDataset
 from lpld_ray.method.images import ImageSpec, normalize
 from lpld_ray.method.recover import (
     BNTarget,
