@@ -186,6 +186,7 @@ def ray_worker_env() -> WorkerEnv:
 def train_task_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker: ``config["task"]`` trained on this worker's device and threads."""
     task: TrainTask = config["task"]
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report and checkpoint: ours say it
     env = ray_worker_env()
     if env.device.type == "cpu":
         torch.set_num_threads(task.threads)
