@@ -124,8 +124,10 @@ def run_task(task: TrainTask, env: WorkerEnv) -> None:
             top1 = metrics["test_top1"] = sharded_top1(bare, test_loader, setup, env)
         history.append(epoch_record(metrics, time.time() - epoch_started))
         if env.rank == 0:
-            log.info("%s epoch %d/%d loss %.4f%s", task.label, done, schedule.epochs, loss,
-                     f" test top-1 {top1:.4f}" if "test_top1" in metrics else "")
+            per_epoch = (time.time() - started) / (done - start)
+            log.info("%s epoch %d/%d loss %.4f%s | %.1f s/epoch, ETA %.0f s", task.label, done, schedule.epochs, loss,
+                     f" test top-1 {top1:.4f}" if "test_top1" in metrics else "", per_epoch,
+                     per_epoch * (schedule.epochs - done))
         if schedule.reports(done):  # every rank, on the same epochs: a report is a barrier
             saving = env.rank == 0 and schedule.checkpoints(done)
             _report(env, metrics, partial(save_state, model=bare, optimizer=optimizer, scheduler=scheduler,
