@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lpld_ray.config import TrainConfig
+from lpld_ray.config import TeacherConfig, TrainConfig
 from lpld_ray.method.images import ImageSpec, normalize
 
 
@@ -21,6 +21,11 @@ class EpochSchedule:
     epochs: int
     eval_every: int
     checkpoint_every: int
+
+    @classmethod
+    def of(cls, section: TeacherConfig | TrainConfig) -> EpochSchedule:
+        """The schedule a teacher or train config section asks for."""
+        return cls(section.epochs, section.eval_every, section.checkpoint_every)
 
     def evaluates(self, done: int) -> bool:
         """Test top-1 after epoch ``done``."""

@@ -64,7 +64,7 @@ class StudentJob:
     @property
     def schedule(self) -> EpochSchedule:
         """Epochs, and how often the student evaluates and checkpoints."""
-        return EpochSchedule(self.train.epochs, self.train.eval_every, self.train.checkpoint_every)
+        return EpochSchedule.of(self.train)
 
     @property
     def threads(self) -> int:

@@ -60,7 +60,7 @@ class TeacherJob:
     @property
     def schedule(self) -> EpochSchedule:
         """Epochs, and how often the teacher evaluates and checkpoints."""
-        return EpochSchedule(self.teacher.epochs, self.teacher.eval_every, self.teacher.checkpoint_every)
+        return EpochSchedule.of(self.teacher)
 
     @property
     def threads(self) -> int:
