@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from lpld_ray.config import Config, StorageConfig, config_from_dict
-from lpld_ray.data.datasets import FASHION_CLASSES, image_spec
+from lpld_ray.data.base import image_spec
+from lpld_ray.data.datasets import FASHION_CLASSES
 from lpld_ray.data.folder import folder_classes, open_folder
 from lpld_ray.errors import LpldError, StorageError
 from lpld_ray.method.images import ImageSpec
