@@ -181,6 +181,7 @@ def _unseal_options(sealed: tuple[bytes, bytes]) -> dict:
 class Store:
     """A run root: relative object names under one URI. Picklable and fork-safe: the fsspec filesystem is not
     pickled but opened again, lazily, once in each process that uses the Store."""
+
     def __init__(self, root: str, options: dict | None = None) -> None:
         check_uri(root)
         self.root: str = join_uri(root)
