@@ -350,17 +350,21 @@ def registered_checkpoint_epoch(train_dir: Path) -> int:
     return max(epochs)
 
 
-def the_train_worker(ray_cluster: RayCluster):
-    """The one Ray Train worker process of the running job."""
-    (worker,) = wait_until(lambda: cluster_processes(ray_cluster, "RayTrainWorker"), 300, "the Ray Train worker")
+def the_train_worker(ray_cluster: RayCluster, dead: tuple[int, ...] = ()):
+    """The one live Ray Train worker process of the running job (not one of the ``dead`` PIDs)."""
+    def live():
+        return [p for p in cluster_processes(ray_cluster, "RayTrainWorker") if p.pid not in dead]
+
+    (worker,) = wait_until(live, 300, "the Ray Train worker")
     return worker
 
 
-def freeze_at_first_checkpoint(ray_cluster: RayCluster, train_dir: Path, every: int):
-    """SIGSTOP the Ray Train worker as soon as a checkpoint is registered: the job cannot train on (nor finish)
-    whatever the machine's speed. Returns (the frozen worker, the registered epoch)."""
-    worker = the_train_worker(ray_cluster)
-    epoch = wait_until(lambda: registered_checkpoint_epoch(train_dir), 600, "a registered checkpoint", every=0.05)
+def freeze_at_checkpoint(ray_cluster: RayCluster, train_dir: Path, every: int, after: int = 0, dead: tuple[int, ...] = ()):
+    """SIGSTOP the Ray Train worker as soon as a checkpoint past epoch ``after`` is registered: the job cannot train
+    on (nor finish) whatever the machine's speed. Returns (the frozen worker, the registered epoch)."""
+    worker = the_train_worker(ray_cluster, dead)
+    epoch = wait_until(lambda: max(registered_checkpoint_epoch(train_dir) - after, 0), 600,
+                       f"a checkpoint registered past epoch {after}", every=0.05) + after
     worker.suspend()
     assert not (train_dir / "model" / "_MANIFEST.json").exists(), "training finished before it could be frozen"
     assert epoch % every == 0, epoch

@@ -4,21 +4,15 @@ The session's finished run (conftest) is read, never written: tests that resume 
 from __future__ import annotations
 
 import json
-import uuid
 
-import psutil
 import pytest
 from conftest import (
     CLASS_SHARDS,
     assert_one_line_error,
-    freeze_at_first_checkpoint,
-    job_args,
-    submit_ok,
     tree_snapshot,
-    wait_until,
 )
 
-from lpld_ray.store.manifest import copy_stage, list_shards, verify_shard
+from lpld_ray.store.manifest import list_shards, verify_shard
 from lpld_ray.store.storage import Store
 
 pytestmark = pytest.mark.ray
@@ -70,63 +64,8 @@ def test_report_has_every_key_and_student_beats_chance(finished_run):
     assert report["student_top1"] > 0.45, report
 
 
-def test_resubmit_redoes_only_a_partial_shard(ray_cluster, finished_run, tmp_path):
-    """Re-running a run whose images shard was cut off before its commit redoes that shard, to the same bytes, and
-    nothing else: the verified teacher, stats, labels and student are kept as they are."""
-    run_dir = tmp_path / "resubmit"
-    args = finished_run.copy_to(run_dir)
-    before = tree_snapshot(run_dir)
-    (run_dir / "images" / "shard-00001" / "_MANIFEST.json").unlink()  # as if killed before the commit
-    (run_dir / "images" / "shard-00001" / "00001_0003.png").write_bytes(b"half")
-    _, summary = submit_ok(ray_cluster, args)
-    assert summary["recover"]["shards_done"] == 1
-    assert summary["relabel"]["shards_done"] == 0  # the redone shard has the same bytes: its labels still hold
-    after = tree_snapshot(run_dir)
-    for stage in ("teacher/model/", "stats/", "labels/", "train/model/", "images/shard-00000/", "images/shard-00002/"):
-        assert {k: v for k, v in after.items() if k.startswith(stage)} == {
-            k: v for k, v in before.items() if k.startswith(stage)}, stage
-    redone = run_dir / "images" / "shard-00001"
-    assert verify_shard(Store(str(run_dir)), "images", "shard-00001") is not None
-    assert {p.name: p.read_bytes() for p in redone.glob("*.png")} == {
-        p.name: p.read_bytes() for p in (finished_run.run_dir / "images" / "shard-00001").glob("*.png")}
-
-
 def test_changed_config_refuses_to_resume(finished_run, cli):
     before = tree_snapshot(finished_run.run_dir)
     error = assert_one_line_error(cli([*finished_run.args, "--set", "recover.iterations=6"]), "recover.iterations")
     assert "use the same config to resume, or a new --run-dir" in error
     assert tree_snapshot(finished_run.run_dir) == before
-
-
-def test_stopped_job_resumes_from_its_checkpoint(ray_cluster, finished_run, tmp_path):
-    """`ray job stop` mid-training, re-submit the same command: training continues from the registered checkpoint.
-    The Ray Train worker is frozen at its first checkpoint, so the stop lands mid-training on any machine."""
-    run_dir = tmp_path / "resume"
-    for stage in ("stats", "images", "labels"):
-        copy_stage(Store(str(finished_run.run_dir)), Store(str(run_dir)), stage)
-    args = ["--stages", "teacher,train,report",
-            *job_args(run_dir, f"teacher.weights={finished_run.teacher}", "train.epochs=20", "train.checkpoint_every=2",
-                      "train.eval_every=20")]
-    job_id = f"resume-{uuid.uuid4().hex[:8]}"
-    assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
-    worker, epoch = freeze_at_first_checkpoint(ray_cluster, run_dir / "train", every=2)
-    try:
-        stop = ray_cluster.job("stop", job_id)
-        assert stop.returncode == 0, stop.stderr
-        assert wait_until(lambda: ray_cluster.status(job_id) in ("STOPPED", "FAILED"), 120, "the job to stop")
-    finally:
-        try:
-            worker.kill()
-        except psutil.NoSuchProcess:
-            pass
-    assert not (run_dir / "train" / "model" / "_MANIFEST.json").exists()
-    _, summary = submit_ok(ray_cluster, args)
-    assert verify_shard(Store(str(run_dir)), "train", "model") is not None
-    assert epoch <= summary["train"]["resumed_from"] < 20
-    # given teacher weights are evaluated on the test set, so the report has the teacher's top-1 all the same
-    assert summary["teacher"]["given"] is True
-    trained = finished_run.summary["teacher"]["test_top1"]
-    assert summary["teacher"]["test_top1"] == pytest.approx(trained, abs=0.01)
-    report = json.loads((run_dir / "report" / "report.json").read_text())
-    assert report["teacher_top1"] == summary["teacher"]["test_top1"]
-    assert report["student_top1"] == summary["train"]["student_top1"]

@@ -20,7 +20,7 @@ from conftest import (
     REPO,
     assert_one_line_error,
     cluster_processes,
-    freeze_at_first_checkpoint,
+    freeze_at_checkpoint,
     job_args,
     job_summary,
     submit_ok,
@@ -32,9 +32,6 @@ from lpld_ray.store.manifest import MANIFEST_NAME, copy_stage, list_shards, veri
 from lpld_ray.store.storage import Store
 
 pytestmark = pytest.mark.ray
-
-STAGES = "squeeze,recover,relabel,train,report"
-
 
 def record_fault(fault: str, injected: int, recovered: bool, redone: str, lost: int) -> None:
     path = os.environ.get("LPLD_FAULT_TABLE")
@@ -96,19 +93,12 @@ def kill_all(procs: list) -> None:
             pass
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_driver_sigkill_mid_recover_then_rerun_is_byte_identical(ray_cluster, teacher, reference, moto_s3, tmp_path, where):
-    if where == "local":
-        run_dir, config, store = tmp_path / "killed", "jobs/configs/fashion_mnist.yaml", Store(str(tmp_path / "killed"))
-    else:
-        config = s3_config(moto_s3, tmp_path)
-        run_dir = f"s3://{moto_s3.make_bucket()}/killed"
-        store = Store(run_dir, moto_s3.options())
-    args = ["--stages", "squeeze,recover", *fault_args(run_dir, teacher, config=config)]
+def kill_driver_mid_recover(ray_cluster, args: list[str], store: Store, run_dir) -> list[str]:
+    """Submit ``args`` (squeeze and recover), SIGKILL the driver once a first images shard is committed (the shard
+    actors frozen first, so that no further shard commits on any machine); returns the committed shards."""
     job_id = f"kill-driver-{uuid.uuid4().hex[:8]}"
     assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
     wait_until(lambda: list_shards(store, "images"), 600, "the first images shard")
-    # freeze the shard actors first: no further shard can commit, however fast this machine recovers
     actors = cluster_processes(ray_cluster, "ShardWorker")
     for actor in actors:
         actor.suspend()
@@ -122,12 +112,20 @@ def test_driver_sigkill_mid_recover_then_rerun_is_byte_identical(ray_cluster, te
     wait_until(lambda: not cluster_processes(ray_cluster, "ShardWorker"), 60, "the dead job's actors to go")
     finished = [s for s in list_shards(store, "images") if verify_shard(store, "images", s) is not None]
     assert 0 < len(finished) < CLASS_SHARDS, "the kill did not land mid-recover"
+    return finished
+
+
+def test_driver_sigkill_mid_recover_then_rerun_is_byte_identical(ray_cluster, teacher, reference, tmp_path):
+    run_dir = tmp_path / "killed"
+    store = Store(str(run_dir))
+    args = ["--stages", "squeeze,recover", *fault_args(run_dir, teacher)]
+    finished = kill_driver_mid_recover(ray_cluster, args, store, run_dir)
     kept = {s: object_stamps(store, f"images/{s}") for s in finished}
     _, summary = submit_ok(ray_cluster, args)
     assert summary["recover"]["shards_done"] == CLASS_SHARDS - len(finished), finished
-    assert {s: object_stamps(store, f"images/{s}") for s in finished} == kept  # same ETag / mtime: not rewritten
+    assert {s: object_stamps(store, f"images/{s}") for s in finished} == kept  # same mtime: not rewritten
     assert images_of(store) == images_of(Store(str(reference)))
-    record_fault(f"driver SIGKILL mid-recover ({where})", 1, True, f"{CLASS_SHARDS - len(finished)} of {CLASS_SHARDS} image shards", 0)
+    record_fault("driver SIGKILL mid-recover (local)", 1, True, f"{CLASS_SHARDS - len(finished)} of {CLASS_SHARDS} image shards", 0)
 
 
 def object_stamps(store: Store, prefix: str) -> dict[str, tuple]:
@@ -158,51 +156,77 @@ def test_actor_kill_mid_shard_redoes_that_shard_once(ray_cluster, teacher, refer
     record_fault("shard actor SIGKILL mid-shard", 1, True, "1 image shard", 0)
 
 
-def test_train_worker_kill_resumes_from_checkpoint_and_second_job_is_refused(ray_cluster, teacher, reference, tmp_path,
-                                                                             cli):
-    """The worker is frozen at its first registered checkpoint (so the job cannot finish meanwhile), a second job on
-    the run is refused, then the worker is killed: Ray Train restarts it from that checkpoint."""
-    run_dir = tmp_path / "train"
+def test_train_worker_kill_and_job_stop_both_resume_from_checkpoints(ray_cluster, finished_run, tmp_path, cli):
+    """The student's Ray Train worker is frozen at its first registered checkpoint (so the job cannot finish
+    meanwhile); a second job on the run is refused; the worker is killed and Ray Train restarts it from that
+    checkpoint; frozen again at a later checkpoint, the job is stopped (`ray job stop`), and the same command
+    re-submitted continues from there."""
+    run_dir, train_dir = tmp_path / "train", tmp_path / "train" / "train"
     for stage in ("stats", "images", "labels"):
-        copy_stage(Store(str(reference)), Store(str(run_dir)), stage)
-    args = ["--stages", "train", *fault_args(run_dir, teacher, "train.epochs=20", "train.checkpoint_every=2",
-                                             "train.eval_every=20")]
-    job_id = f"kill-train-{uuid.uuid4().hex[:8]}"
+        copy_stage(Store(str(finished_run.run_dir)), Store(str(run_dir)), stage)
+    args = ["--stages", "teacher,train,report", *fault_args(run_dir, finished_run.teacher, "train.epochs=20",
+                                                            "train.checkpoint_every=2", "train.eval_every=20")]
+    job_id = f"train-{uuid.uuid4().hex[:8]}"
     assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
-    worker, epoch = freeze_at_first_checkpoint(ray_cluster, run_dir / "train", every=2)
+    worker, first = freeze_at_checkpoint(ray_cluster, train_dir, every=2)
     try:
         assert_one_line_error(cli(args), f"is in use by job {job_id}")  # a second job, while the first holds the run
     finally:
         kill_all([worker])
-    assert wait_for_job_end(ray_cluster, job_id) == "SUCCEEDED", job_logs(ray_cluster, job_id)[-3000:]
+    worker, later = freeze_at_checkpoint(ray_cluster, train_dir, every=2, after=first, dead=(worker.pid,))
+    try:
+        assert ray_cluster.job("stop", job_id).returncode == 0
+        assert wait_until(lambda: ray_cluster.status(job_id) in ("STOPPED", "FAILED"), 120, "the job to stop")
+    finally:
+        kill_all([worker])
+    assert f"resuming from the checkpoint of epoch {first}" in job_logs(ray_cluster, job_id)
+    record_fault("Ray Train worker SIGKILL", 1, True, f"epochs {first}-{later}+ (from checkpoint)", 0)
+    record_fault("second job on a run in use", 1, True, "none (refused, named the holder)", 0)
+    assert verify_shard(Store(str(run_dir)), "train", "model") is None
+    _, summary = submit_ok(ray_cluster, args)
     manifest = verify_shard(Store(str(run_dir)), "train", "model")
     assert manifest is not None
-    resumed = job_summary(job_logs(ray_cluster, job_id))["train"]["resumed_from"]
-    assert epoch <= resumed < 20 and manifest.meta["resumed_from"] == resumed
-    record_fault("Ray Train worker SIGKILL", 1, True, f"epochs {resumed}-20 (from checkpoint)", 0)
-    record_fault("second job on a run in use", 1, True, "none (refused, named the holder)", 0)
+    assert later <= summary["train"]["resumed_from"] < 20 and manifest.meta["resumed_from"] == summary["train"]["resumed_from"]
+    record_fault("`ray job stop` mid-training", 1, True, f"epochs {summary['train']['resumed_from']}-20 (from checkpoint)", 0)
+    # given teacher weights are evaluated on the test set, so the report has the teacher's top-1 all the same
+    assert summary["teacher"]["given"] is True
+    assert summary["teacher"]["test_top1"] == pytest.approx(finished_run.summary["teacher"]["test_top1"], abs=0.01)
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert report["teacher_top1"] == summary["teacher"]["test_top1"]
+    assert report["student_top1"] == summary["train"]["student_top1"]
 
 
-def test_corrupt_objects_are_named_redone_and_never_trained_on(ray_cluster, finished_run, tmp_path):
-    run_dir = tmp_path / "corrupt"
+def test_partial_and_corrupt_shards_alone_are_redone_and_never_trained_on(ray_cluster, finished_run, tmp_path):
+    """A copy of the finished run with one images shard cut off before its commit, a truncated image object, a label
+    object with a flipped byte and a stats manifest that is not JSON: a re-run names each, redoes those shards alone
+    (to the reference's bytes) and keeps everything else, the student included."""
+    run_dir = tmp_path / "damaged"
     args = finished_run.copy_to(run_dir)
     store = Store(str(run_dir))
+    (run_dir / "images" / "shard-00001" / MANIFEST_NAME).unlink()  # as if killed before the commit
+    (run_dir / "images" / "shard-00001" / "00001_0003.png").write_bytes(b"half")
     image = run_dir / "images" / "shard-00002" / "00002_0001.png"
     image.write_bytes(image.read_bytes()[:40])  # truncated
-    labels = run_dir / "labels" / "shard-00001" / "labels.parquet"
+    labels = run_dir / "labels" / "shard-00000" / "labels.parquet"
     data = bytearray(labels.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     labels.write_bytes(bytes(data))
     (run_dir / "stats" / "shard-00003" / MANIFEST_NAME).write_text("{not json")
-    student = tree_snapshot(run_dir / "train" / "model")
-    out, summary = submit_ok(ray_cluster, ["--stages", STAGES, *args])
+    before = tree_snapshot(run_dir)
+    out, summary = submit_ok(ray_cluster, args)
     assert "images/shard-00002/00002_0001.png: size 40 !=" in out
-    assert "labels/shard-00001/labels.parquet: sha256 mismatch" in out
+    assert "labels/shard-00000/labels.parquet: sha256 mismatch" in out
     assert "manifest is not valid JSON" in out
     assert summary["squeeze"]["shards_written"] >= 1
-    assert summary["recover"]["shards_done"] == summary["relabel"]["shards_done"] == 1
-    assert tree_snapshot(run_dir / "train" / "model") == student  # redone bytes are the ones it trained on
+    assert summary["recover"]["shards_done"] == 2  # shards 1 and 2; shard 3's statistics came back the same
+    assert summary["relabel"]["shards_done"] == 1  # shard 0; the redone images have the same bytes: labels hold
+    after = tree_snapshot(run_dir)
+    for kept in ("teacher/model/", "train/model/", "images/shard-00000/", "images/shard-00003/", "labels/shard-00001/",
+                 "labels/shard-00002/", "labels/shard-00003/"):
+        assert {k: v for k, v in after.items() if k.startswith(kept)} == {
+            k: v for k, v in before.items() if k.startswith(kept)}, kept  # the student: what it trained on is back
     assert tree_bytes(run_dir, "images", "labels", "stats") == tree_bytes(finished_run.run_dir, "images", "labels", "stats")
+    record_fault("images shard cut off before its commit", 1, True, "1 image shard", 0)
     record_fault("truncated image object", 1, True, "1 image shard", 0)
     record_fault("flipped byte in a label object", 1, True, "1 label shard", 0)
     record_fault("manifest that is not JSON", 1, True, "stats (one squeeze pass)", 0)
@@ -211,7 +235,7 @@ def test_corrupt_objects_are_named_redone_and_never_trained_on(ray_cluster, fini
     store.delete(f"train/model/{MANIFEST_NAME}")
     result = ray_cluster.submit(["--stages", "train", *args])
     assert result.returncode != 0
-    assert "train will not use labels/shard-00001" in result.stdout + result.stderr
+    assert "train will not use labels/shard-00000" in result.stdout + result.stderr
     assert verify_shard(store, "train", "model") is None
 
 
@@ -244,22 +268,29 @@ def test_unreachable_store_fails_cleanly_and_rerun_completes(ray_cluster, teache
                  f"in-flight image shards; job failed {failed_after:.0f}s after the outage", 0)
 
 
-def test_full_pipeline_on_s3_keeps_credentials_out(ray_cluster, teacher, moto_s3, tmp_path):
-    """Every stage on S3, the teacher's weights read from S3 too, and class shards of two classes."""
+def test_full_pipeline_on_s3_after_a_driver_sigkill_keeps_credentials_out(ray_cluster, teacher, reference, moto_s3,
+                                                                          tmp_path):
+    """Squeeze and recover on S3 with the driver SIGKILLed mid-recover, then every stage on S3 (the teacher's weights
+    read from S3 too): only the unfinished image shards are redone, to the reference's bytes."""
     bucket = moto_s3.make_bucket()
     run_dir = f"s3://{bucket}/full"
     store = Store(run_dir, moto_s3.options())
     weights = f"s3://{bucket}/weights/teacher.pt"
     Store(f"s3://{bucket}/weights", moto_s3.options()).write_bytes("teacher.pt", teacher.read_bytes())
-    out, summary = submit_ok(ray_cluster, job_args(run_dir, f"teacher.weights={weights}", "runner.class_shard_size=2",
-                                                   config=s3_config(moto_s3, tmp_path)))
-    for stage, shards in (("teacher", ["given"]), ("stats", ["global", "shard-00000", "shard-00001"]),
-                          ("images", ["shard-00000", "shard-00001"]), ("labels", ["shard-00000", "shard-00001"]),
-                          ("train", ["model"])):
-        for shard in shards:
+    args = job_args(run_dir, f"teacher.weights={weights}", config=s3_config(moto_s3, tmp_path))
+    finished = kill_driver_mid_recover(ray_cluster, ["--stages", "squeeze,recover", *args], store, run_dir)
+    kept = {s: object_stamps(store, f"images/{s}") for s in finished}
+    out, summary = submit_ok(ray_cluster, args)
+    assert summary["recover"]["shards_done"] == CLASS_SHARDS - len(finished), finished
+    assert {s: object_stamps(store, f"images/{s}") for s in finished} == kept  # same ETag: not rewritten
+    assert images_of(store) == images_of(Store(str(reference)))
+    record_fault("driver SIGKILL mid-recover (s3)", 1, True, f"{CLASS_SHARDS - len(finished)} of {CLASS_SHARDS} image shards", 0)
+    shards = [f"shard-{i:05d}" for i in range(CLASS_SHARDS)]
+    for stage, names in (("teacher", ["given"]), ("stats", ["global", *shards]), ("images", shards),
+                         ("labels", shards), ("train", ["model"])):
+        for shard in names:
             assert verify_shard(store, stage, shard) is not None, (stage, shard)
-    assert summary["recover"]["shards_done"] == 2 and summary["teacher"]["given"] is True
-    assert verify_shard(store, "images", "shard-00001").meta["classes"] == [2, 3]
+    assert summary["teacher"]["given"] is True
     report = json.loads(store.read_text("report/report.json"))
     assert report["student_top1"] == summary["train"]["student_top1"]
     assert report["student_top1"] > 0.45  # same margin over the 25% chance as the local e2e test

@@ -1,7 +1,7 @@
-"""The ResNet presets end to end on an ImageFolder tree of real Fashion-MNIST images (PNG, 32 px, class folders),
-on local disk or on (moto's) S3, through `ray job submit`, with tiny overrides: the ImageNet path at a size this
-machine can run. The teacher is trained here, in this process, and given to both runs as weights (teacher training
-with Ray Train is covered by the e2e run)."""
+"""A ResNet preset end to end on an ImageFolder tree of real Fashion-MNIST images (PNG, 32 px, class folders) on
+(moto's) S3, through `ray job submit`, with tiny overrides: the ImageNet path at a size this machine can run. The
+teacher is trained here, in this process, and given to the run as weights (teacher training with Ray Train is covered
+by the e2e run; local ImageFolder trees by tests/test_data.py)."""
 
 from __future__ import annotations
 
@@ -81,20 +81,19 @@ def tree_on_s3(moto_s3, tree, tmp_path, preset: str) -> tuple[str, str]:
     return root, str(path)
 
 
-@pytest.mark.parametrize("preset,data_on,extra", [
-    ("tiny_imagenet_rn18", "s3", []),  # the tree read from object storage by every stage
-    # Cutout relabel, no flip; two Ray Train workers (DDP), each reading only the label shards the shard sampler gives it
-    ("imagenet21kp_rn18", "local", ["train.arch=resnet18_small", "train.num_workers=2", "train.sampler=shard"]),
-])
-def test_resnet_preset_runs_every_stage_on_an_image_folder(ray_cluster, moto_s3, fashion_tree, folder_teacher, tmp_path,
-                                                           preset, data_on, extra):
-    run_dir = tmp_path / preset
-    root, config = str(fashion_tree), f"jobs/configs/{preset}.yaml"
-    if data_on == "s3":
-        root, config = tree_on_s3(moto_s3, fashion_tree, tmp_path, preset)
+# The 21K-P preset (Cutout relabel, no flip) with its tree read from object storage by every stage, and two Ray Train
+# workers (DDP), each reading only the label shards the shard sampler gives it.
+PRESET = "imagenet21kp_rn18"
+EXTRA = ["train.arch=resnet18_small", "train.num_workers=2", "train.sampler=shard"]
+
+
+def test_resnet_preset_runs_every_stage_on_an_image_folder_on_s3(ray_cluster, moto_s3, fashion_tree, folder_teacher,
+                                                                 tmp_path):
+    run_dir = tmp_path / PRESET
+    root, config = tree_on_s3(moto_s3, fashion_tree, tmp_path, PRESET)
     weights, teacher_top1 = folder_teacher
     args = ["--config", config, "--run-dir", str(run_dir)]
-    for item in [f"data.root={root}", f"teacher.weights={weights}", *SMALL, *extra]:
+    for item in [f"data.root={root}", f"teacher.weights={weights}", *SMALL, *EXTRA]:
         args += ["--set", item]
     out, summary = submit_ok(ray_cluster, args)
     assert moto_s3.secret_key not in out
