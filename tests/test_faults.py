@@ -93,9 +93,12 @@ def kill_all(procs: list) -> None:
             pass
 
 
-def kill_driver_mid_recover(ray_cluster, args: list[str], store: Store, run_dir) -> list[str]:
-    """Submit ``args`` (squeeze and recover), SIGKILL the driver once a first images shard is committed (the shard
-    actors frozen first, so that no further shard commits on any machine); returns the committed shards."""
+def test_driver_sigkill_mid_recover_then_rerun_is_byte_identical(ray_cluster, teacher, reference, tmp_path):
+    """The driver is SIGKILLed once a first images shard is committed (the shard actors frozen first, so that no
+    further shard commits on any machine): a re-run redoes the other shards alone, to the reference's bytes."""
+    run_dir = tmp_path / "killed"
+    store = Store(str(run_dir))
+    args = ["--stages", "squeeze,recover", *fault_args(run_dir, teacher)]
     job_id = f"kill-driver-{uuid.uuid4().hex[:8]}"
     assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
     wait_until(lambda: list_shards(store, "images"), 600, "the first images shard")
@@ -112,20 +115,12 @@ def kill_driver_mid_recover(ray_cluster, args: list[str], store: Store, run_dir)
     wait_until(lambda: not cluster_processes(ray_cluster, "ShardWorker"), 60, "the dead job's actors to go")
     finished = [s for s in list_shards(store, "images") if verify_shard(store, "images", s) is not None]
     assert 0 < len(finished) < CLASS_SHARDS, "the kill did not land mid-recover"
-    return finished
-
-
-def test_driver_sigkill_mid_recover_then_rerun_is_byte_identical(ray_cluster, teacher, reference, tmp_path):
-    run_dir = tmp_path / "killed"
-    store = Store(str(run_dir))
-    args = ["--stages", "squeeze,recover", *fault_args(run_dir, teacher)]
-    finished = kill_driver_mid_recover(ray_cluster, args, store, run_dir)
     kept = {s: object_stamps(store, f"images/{s}") for s in finished}
     _, summary = submit_ok(ray_cluster, args)
     assert summary["recover"]["shards_done"] == CLASS_SHARDS - len(finished), finished
     assert {s: object_stamps(store, f"images/{s}") for s in finished} == kept  # same mtime: not rewritten
     assert images_of(store) == images_of(Store(str(reference)))
-    record_fault("driver SIGKILL mid-recover (local)", 1, True, f"{CLASS_SHARDS - len(finished)} of {CLASS_SHARDS} image shards", 0)
+    record_fault("driver SIGKILL mid-recover", 1, True, f"{CLASS_SHARDS - len(finished)} of {CLASS_SHARDS} image shards", 0)
 
 
 def object_stamps(store: Store, prefix: str) -> dict[str, tuple]:
@@ -245,12 +240,18 @@ def tree_bytes(root: Path, *stages: str) -> dict[str, bytes]:
             if p.is_file() and p.name != MANIFEST_NAME}
 
 
-def test_unreachable_store_fails_cleanly_and_rerun_completes(ray_cluster, teacher, reference, moto_s3, tmp_path):
-    run_dir = f"s3://{moto_s3.make_bucket()}/outage"
+def test_store_outage_mid_recover_then_the_full_pipeline_on_s3(ray_cluster, teacher, reference, moto_s3, tmp_path):
+    """Squeeze and recover on S3 with the object store stopped mid-recover: the job fails with one clear line and no
+    secret. Then every stage on S3 (the teacher's weights read from S3 too): the committed image shards are kept as
+    they are, the rest redone to the reference's bytes, and no object or log holds the secret."""
+    bucket = moto_s3.make_bucket()
+    run_dir = f"s3://{bucket}/full"
     store = Store(run_dir, moto_s3.options())
-    args = ["--stages", "squeeze,recover", *fault_args(run_dir, teacher, config=s3_config(moto_s3, tmp_path))]
+    weights = f"s3://{bucket}/weights/teacher.pt"
+    Store(f"s3://{bucket}/weights", moto_s3.options()).write_bytes("teacher.pt", teacher.read_bytes())
+    args = job_args(run_dir, f"teacher.weights={weights}", config=s3_config(moto_s3, tmp_path))
     job_id = f"outage-{uuid.uuid4().hex[:8]}"
-    assert ray_cluster.submit(args, wait=False, job_id=job_id).returncode == 0
+    assert ray_cluster.submit(["--stages", "squeeze,recover", *args], wait=False, job_id=job_id).returncode == 0
     wait_until(lambda: list_shards(store, "images"), 600, "the first images shard")
     moto_s3.stop()
     try:
@@ -262,29 +263,16 @@ def test_unreachable_store_fails_cleanly_and_rerun_completes(ray_cluster, teache
     logs = job_logs(ray_cluster, job_id)
     assert "object store unreachable while" in logs and "2 retries" in logs, logs[-3000:]
     assert moto_s3.secret_key not in logs
-    submit_ok(ray_cluster, args)
-    assert images_of(store) == images_of(Store(str(reference)))
-    record_fault("object store down mid-recover (moto stopped)", 1, True,
-                 f"in-flight image shards; job failed {failed_after:.0f}s after the outage", 0)
-
-
-def test_full_pipeline_on_s3_after_a_driver_sigkill_keeps_credentials_out(ray_cluster, teacher, reference, moto_s3,
-                                                                          tmp_path):
-    """Squeeze and recover on S3 with the driver SIGKILLed mid-recover, then every stage on S3 (the teacher's weights
-    read from S3 too): only the unfinished image shards are redone, to the reference's bytes."""
-    bucket = moto_s3.make_bucket()
-    run_dir = f"s3://{bucket}/full"
-    store = Store(run_dir, moto_s3.options())
-    weights = f"s3://{bucket}/weights/teacher.pt"
-    Store(f"s3://{bucket}/weights", moto_s3.options()).write_bytes("teacher.pt", teacher.read_bytes())
-    args = job_args(run_dir, f"teacher.weights={weights}", config=s3_config(moto_s3, tmp_path))
-    finished = kill_driver_mid_recover(ray_cluster, ["--stages", "squeeze,recover", *args], store, run_dir)
+    finished = [s for s in list_shards(store, "images") if verify_shard(store, "images", s) is not None]
+    assert len(finished) < CLASS_SHARDS, "the outage did not land mid-recover"
     kept = {s: object_stamps(store, f"images/{s}") for s in finished}
     out, summary = submit_ok(ray_cluster, args)
     assert summary["recover"]["shards_done"] == CLASS_SHARDS - len(finished), finished
     assert {s: object_stamps(store, f"images/{s}") for s in finished} == kept  # same ETag: not rewritten
     assert images_of(store) == images_of(Store(str(reference)))
-    record_fault("driver SIGKILL mid-recover (s3)", 1, True, f"{CLASS_SHARDS - len(finished)} of {CLASS_SHARDS} image shards", 0)
+    record_fault("object store down mid-recover (moto stopped)", 1, True,
+                 f"{CLASS_SHARDS - len(finished)} of {CLASS_SHARDS} image shards; job failed {failed_after:.0f}s after "
+                 "the outage", 0)
     shards = [f"shard-{i:05d}" for i in range(CLASS_SHARDS)]
     for stage, names in (("teacher", ["given"]), ("stats", ["global", *shards]), ("images", shards),
                          ("labels", shards), ("train", ["model"])):
@@ -307,11 +295,10 @@ def test_force_new_starts_over_after_a_refused_resume(ray_cluster, finished_run,
         copy_stage(src, store, stage)
     store.write_bytes("run.yaml", src.read_bytes("run.yaml"))
     before = tree_snapshot(run_dir)
-    changed = ["--stages", "squeeze,recover", *fault_args(run_dir, teacher, "recover.iterations=30")]
-    assert_one_line_error(cli(changed), "recover.iterations")
+    changed = ["--stages", "squeeze", *fault_args(run_dir, teacher, "squeeze.batch_size=100")]
+    assert_one_line_error(cli(changed), "squeeze.batch_size")
     assert tree_snapshot(run_dir) == before
     _, summary = submit_ok(ray_cluster, ["--force-new", *changed])
-    assert summary["recover"]["shards_done"] == CLASS_SHARDS
-    assert store.list("labels") == []  # the earlier run's later stages went too
-    assert yaml.safe_load((run_dir / "run.yaml").read_text())["config"]["recover"]["iterations"] == 30
-    assert len(list_shards(store, "images")) == CLASS_SHARDS
+    assert summary["squeeze"]["shards_written"] == CLASS_SHARDS + 1  # every class shard and the global one
+    assert store.list("images") == store.list("labels") == []  # the earlier run's later stages went too
+    assert yaml.safe_load((run_dir / "run.yaml").read_text())["config"]["squeeze"]["batch_size"] == 100
