@@ -295,10 +295,10 @@ def test_force_new_starts_over_after_a_refused_resume(ray_cluster, finished_run,
         copy_stage(src, store, stage)
     store.write_bytes("run.yaml", src.read_bytes("run.yaml"))
     before = tree_snapshot(run_dir)
-    changed = ["--stages", "squeeze", *fault_args(run_dir, teacher, "squeeze.batch_size=100")]
-    assert_one_line_error(cli(changed), "squeeze.batch_size")
+    changed = ["--stages", "squeeze", *fault_args(run_dir, teacher, "data.train_per_class=150")]
+    assert_one_line_error(cli(changed), "data.train_per_class (was 200, now 150)")
     assert tree_snapshot(run_dir) == before
     _, summary = submit_ok(ray_cluster, ["--force-new", *changed])
     assert summary["squeeze"]["shards_written"] == CLASS_SHARDS + 1  # every class shard and the global one
     assert store.list("images") == store.list("labels") == []  # the earlier run's later stages went too
-    assert yaml.safe_load((run_dir / "run.yaml").read_text())["config"]["squeeze"]["batch_size"] == 100
+    assert yaml.safe_load((run_dir / "run.yaml").read_text())["config"]["data"]["train_per_class"] == 150
