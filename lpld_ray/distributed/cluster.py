@@ -12,6 +12,7 @@ import ray
 import torch
 
 from lpld_ray.config import RunnerConfig
+from lpld_ray.distributed.ray_logs import filter_forwarded_logs
 from lpld_ray.errors import LpldError
 from lpld_ray.pipeline.plan import workers_that_fit
 
@@ -22,6 +23,7 @@ def init_ray() -> None:
     """Join the cluster of ``ray job submit`` (RAY_ADDRESS) or start a local Ray on this machine."""
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=True)
+        filter_forwarded_logs()  # Ray's own lines that no setting switches off
         log.info("ray cluster resources: %s", {k: v for k, v in ray.cluster_resources().items() if "node" not in k})
 
 
