@@ -208,5 +208,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "report" in summary:
         log.info("done: the report to read is %s", summary["report"]["report_md"])
     else:
-        log.info("done: no report this time (it is written by --stages ...,report at %s)", store.uri(REPORT_MD_OBJECT))
+        log.info("done: no report this time; add report to --stages to write it at %s", store.uri(REPORT_MD_OBJECT))
     return 0
