@@ -200,6 +200,8 @@ class RunnerConfig(_Model):
     cpus_per_worker: Int = Field(1, ge=1)
     max_shard_retries: Int = Field(2, ge=0)
     progress_every_s: Num = Field(10.0, gt=0)
+    resource_wait_s: Num = Field(0.0, ge=0, description="a number >= 0 (seconds an autoscaling cluster may take to "
+                                 "add the CPUs and GPUs asked for; 0: a fixed cluster, refused at once)")
 
 
 class StorageConfig(_Model):
@@ -254,6 +256,7 @@ _SECTION_OF: dict[type, str] = {f.annotation: name for name, f in Config.model_f
 # Keys whose change does not change any result: a run may resume across them.
 RESUME_NEUTRAL_KEYS = frozenset({
     "runner.num_workers", "runner.cpus_per_worker", "runner.max_shard_retries", "runner.progress_every_s",
+    "runner.resource_wait_s",
     "teacher.cpus_per_worker", "teacher.eval_every", "teacher.checkpoint_every", "teacher.checkpoints_to_keep",
     "teacher.max_failures", "squeeze.batch_size", "squeeze.partitions", "recover.classes_per_pass", "relabel.batch_size",
     "train.eval_every", "train.checkpoint_every", "train.checkpoints_to_keep", "train.cpus_per_worker",

@@ -107,6 +107,9 @@ def test_loader_bound_does_not_grow_with_the_label_pool():
 def test_plan_on_full_presets_runs_nothing(preset, tmp_path):
     run = tmp_path / "run"
     result = run_cli(["--config", f"jobs/configs/{preset}.yaml", "--run-dir", str(run), "--plan"], timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
     assert "plan: relabel:" in result.stderr and "plan: actors:" in result.stderr
+    if result.returncode:  # a GPU cluster's preset may not fit this machine: --plan says so in one line
+        errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+        assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+        assert "of memory of this machine (RAY_ADDRESS plans for a cluster)" in errors[0]
     assert not run.exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from lpld_ray.config import DataConfig
+from lpld_ray.config_errors import bad_value
 from lpld_ray.errors import DataError
 from lpld_ray.method.images import DIGITS_SPEC, FASHION_SPEC, IMAGENET_MEAN, IMAGENET_STD, ImageSpec
 
@@ -61,6 +62,15 @@ def image_spec(cfg: DataConfig) -> ImageSpec:
     if cfg.name == "digits":
         return DIGITS_SPEC
     return ImageSpec(3, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def check_image_size(cfg: DataConfig) -> None:
+    """Fashion-MNIST and digits come in one size: a data.image_size set to another is refused, not ignored (an
+    ImageFolder tree is resized to any data.image_size)."""
+    native = image_spec(cfg).size
+    if cfg.name != "image_folder" and "image_size" in cfg.model_fields_set and cfg.image_size != native:
+        raise bad_value("data.image_size", cfg.image_size,
+                        f"{native}, the size of {cfg.name} images, or leave it out; other sizes only with image_folder")
 
 
 def class_count(cfg: DataConfig, available: int) -> int:

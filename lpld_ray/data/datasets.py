@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from lpld_ray.config import DATASETS, DataConfig
-from lpld_ray.data.base import ClassDataset, class_count, class_rank, select_indices
+from lpld_ray.data.base import ClassDataset, check_image_size, class_count, class_rank, select_indices
 from lpld_ray.data.folder import check_folder, folder_class_names, load_folder
 from lpld_ray.errors import DataError
 from lpld_ray.method.images import (
@@ -82,7 +82,9 @@ def class_names(cfg: DataConfig, options: dict | None = None) -> list[str]:
 
 
 def check_dataset(cfg: DataConfig, options: dict | None = None) -> None:
-    """Cheap pre-flight: the files or folders exist and ``num_classes`` fits; raises DataError."""
+    """Cheap pre-flight: the files or folders exist, ``num_classes`` fits, the image size is one the data has;
+    raises DataError or ConfigError."""
+    check_image_size(cfg)
     if cfg.name == "fashion_mnist":
         root = _local_root(cfg.root)
         for split in SPLITS:
@@ -97,6 +99,19 @@ def check_dataset(cfg: DataConfig, options: dict | None = None) -> None:
         check_folder(cfg, options)
     else:
         raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASETS)}")
+
+
+def read_both_splits(cfg: DataConfig, options: dict | None = None) -> tuple[ClassDataset, ClassDataset]:
+    """Pre-flight of the data itself: both splits read (idx files, digits) or listed (an ImageFolder tree: every class
+    folder, each training one holding images), and the first image of each decoded. Returns (train, test)."""
+    train, test = (load_dataset(cfg, split, options) for split in SPLITS)
+    for split, ds in zip(SPLITS, (train, test)):
+        if len(ds) == 0:
+            where = f"{cfg.root.rstrip('/')}/{'train' if split == 'train' else 'val'}" if cfg.name == "image_folder" \
+                else cfg.root
+            raise DataError(f"the {split} split of {cfg.name} at '{where}' holds no images of the configured classes")
+        ds.image(0)
+    return train, test
 
 
 def _local_root(root: str) -> Path:

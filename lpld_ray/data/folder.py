@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from lpld_ray.config import DataConfig
 from lpld_ray.data.base import ClassDataset, class_count, image_spec, select_indices
@@ -56,6 +56,8 @@ def decode_image(data: bytes, size: int, name: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as img:
             rgb = img.convert("RGB")
+    except UnidentifiedImageError:
+        raise DataError(f"cannot decode image '{name}': not an image file Pillow can read") from None
     except (OSError, ValueError) as err:
         raise DataError(f"cannot decode image '{name}': {err}") from err
     w, h = rgb.size

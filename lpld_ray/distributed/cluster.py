@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import ray
 import torch
 
 from lpld_ray.config import RunnerConfig
+from lpld_ray.distributed.ray_logs import filter_forwarded_logs
 from lpld_ray.errors import LpldError
 from lpld_ray.pipeline.plan import workers_that_fit
 
@@ -20,6 +23,7 @@ def init_ray() -> None:
     """Join the cluster of ``ray job submit`` (RAY_ADDRESS) or start a local Ray on this machine."""
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING, log_to_driver=True)
+        filter_forwarded_logs()  # Ray's own lines that no setting switches off
         log.info("ray cluster resources: %s", {k: v for k, v in ray.cluster_resources().items() if "node" not in k})
 
 
@@ -74,3 +78,44 @@ def get_or_raise(ref: ray.ObjectRef) -> Any:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as err:
         raise_user_error(err)
+
+
+def request_from_autoscaler(bundles: list[dict[str, float]]) -> None:
+    """Ask the cluster's autoscaler (if any) for ``bundles`` at once; an empty list withdraws the request. Without an
+    autoscaler nothing happens."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception as err:  # no autoscaler, or an SDK that changed: the wait below still times out
+        log.debug("autoscaler request of %s not made: %s", bundles, err)
+
+
+def wait_for_resources(check: Callable[[list[dict[str, float]]], None], nodes: Callable[[], list[dict[str, float]]],
+                       wait_s: float, bundles: list[dict[str, float]], poll_s: float = 5.0) -> None:
+    """``check(nodes())`` at once; on a cluster that may autoscale (``wait_s`` > 0, runner.resource_wait_s) ask its
+    autoscaler for ``bundles`` and check again every ``poll_s`` seconds, saying what it waits for, until ``wait_s``
+    have passed; then fail with one line. With ``wait_s`` 0 (a fixed cluster) the first failure is final."""
+    try:
+        check(nodes())
+        return
+    except LpldError as err:
+        if wait_s <= 0:
+            raise
+        missing = err
+    request_from_autoscaler(bundles)
+    started = time.monotonic()
+    said = -math.inf
+    while (waited := time.monotonic() - started) < wait_s:
+        if waited - said >= 60:
+            log.warning("waiting up to %.0f s more (runner.resource_wait_s) for the cluster to grow: %s",
+                        wait_s - waited, missing)
+            said = waited
+        time.sleep(min(poll_s, wait_s - waited))
+        try:
+            check(nodes())
+            log.info("the cluster now holds what this run asks for (after %.0f s)", time.monotonic() - started)
+            return
+        except LpldError as err:
+            missing = err
+    raise LpldError(f"{missing}; waited {wait_s:g} s (runner.resource_wait_s) for the cluster to grow")

@@ -6,10 +6,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from lpld_ray.distributed.cluster import cluster_has_gpus
+from lpld_ray.distributed.ray_logs import TRAIN_LOG_LEVEL
 from lpld_ray.distributed.train_loop import TrainTask, train_task_loop
 from lpld_ray.store.layout import TRAIN_RUN_PREFIX
 from lpld_ray.store.manifest import current_shard
@@ -55,7 +56,8 @@ def fit_with_ray_train(store: Store, stage: str, task: TrainTask, spec: TrainerS
                                      resources_per_worker={"CPU": spec.cpus_per_worker}),
         run_config=RunConfig(name=spec.run_name, storage_path=f"{path}/{stage}", storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=spec.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoints_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoints_to_keep),
+                             logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL)),  # not Ray Train's chatter
     )
     trainer.fit()
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from lpld_ray.distributed.ray_logs import quiet_train_worker
 from lpld_ray.method.rng import Stream, torch_seed
 from lpld_ray.method.training import (
     EpochSchedule,
@@ -188,7 +189,7 @@ def ray_worker_env() -> WorkerEnv:
 def train_task_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker: ``config["task"]`` trained on this worker's device and threads."""
     task: TrainTask = config["task"]
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report and checkpoint: ours say it
+    quiet_train_worker()  # not a line per report and checkpoint: ours say each epoch
     env = ray_worker_env()
     if env.device.type == "cpu":
         torch.set_num_threads(task.threads)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lpld_ray.config import Config, DataConfig
+from lpld_ray.data.base import check_image_size, image_spec
 from lpld_ray.errors import DataError
 from lpld_ray.method.models import bn_layers, build_model
 from lpld_ray.method.views import kept_views
@@ -46,9 +47,10 @@ class PeakMemory:
 
 def dataset_shape(cfg: DataConfig) -> DatasetShape:
     """Classes and channels of the configured data, from its name, its tree if reachable, or data.num_classes."""
+    check_image_size(cfg)
     if cfg.name in KNOWN:
         classes, channels, images = KNOWN[cfg.name]
-        return DatasetShape(cfg.num_classes or classes, channels, cfg.image_size, images)
+        return DatasetShape(cfg.num_classes or classes, channels, image_spec(cfg).size, images)
     root = Path(cfg.root) / "train"
     if root.is_dir():
         folders = sorted(p for p in root.iterdir() if p.is_dir())[: cfg.num_classes]

@@ -104,3 +104,14 @@ def _fits_a_node(key: str, wanted: int, most: float) -> None:
     if wanted > most:
         raise LpldError(f"{key} is {wanted}, but the largest node of this Ray cluster has {most:g} CPUs "
                         f"(allowed: at most {most:g})")
+
+
+def wanted_bundles(cfg: Config, asked: list[str], gpus: bool) -> list[dict[str, float]]:
+    """What to ask an autoscaler for: the resource bundles of the asked stage that needs the most at once (a trained
+    stage's worker group, or one shard actor)."""
+    groups = [[{"CPU": float(cfg.runner.cpus_per_worker), **({"GPU": 1.0} if gpus else {})}]]
+    for name, section in (("teacher", cfg.teacher), ("train", cfg.train)):
+        if name in asked and not (name == "teacher" and cfg.teacher.weights):
+            worker = {"CPU": float(section.cpus_per_worker), **({"GPU": 1.0} if gpus else {})}
+            groups.append([dict(worker) for _ in range(section.num_workers)])
+    return max(groups, key=lambda group: sum(b["CPU"] for b in group))
