@@ -65,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> float:
     log.info("label pool: %d images, %d classes", len(pool), pool.num_classes)
 
     model = build_model(cfg.train.arch, pool.num_classes, spec.channels, spec.size).to(device)
-    loss_fn = SoftTargetKLLoss(cfg.train.temperature, cfg.train.label_smoothing)
+    loss_fn = SoftTargetKLLoss(cfg.train.temperature, cfg.train.label_smoothing, cfg.train.smoothing_on,
+                               cfg.train.t_squared)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     batches = -(-len(pool) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * batches)

@@ -14,8 +14,10 @@ from lpld_ray.store.storage import Store
 log = logging.getLogger("grid")
 
 METHODS = {
-    "lpld": ["recover.batching=class_wise"],
-    "sre2l": ["recover.batching=across_classes", "runner.class_shard_size=10", "recover.classes_per_pass=10",
+    "lpld": ["recover.batching=class_wise", "recover.statistics=class_wise"],
+    "cwb": ["recover.batching=class_wise", "recover.statistics=global"],  # the ablation's "+ class-wise batching"
+    "sre2l": ["recover.batching=across_classes", "recover.statistics=global", "runner.class_shard_size=10",
+              "recover.classes_per_pass=10",
               "runner.cpus_per_worker=2"],
     "real": ["recover.source=real"],
 }

@@ -38,6 +38,16 @@ ViewSampling = Literal["cycle", "uniform"]
 ImageSampler = Literal["global", "shard"]
 ImageSource = Literal["synthetic", "real"]
 Precision = Literal["fp32", "bf16"]
+Normalization = Literal["dataset", "imagenet", "tiny_imagenet", "none"]
+EvalResize = Literal["short_side", "resize_crop", "squash"]
+SqueezeTransform = Literal["center", "random_resized_crop"]
+Statistics = Literal["class_wise", "global"]
+JitterRange = Literal["nonnegative", "symmetric"]
+ImageFormat = Literal["png", "jpeg"]
+CutoutFill = Literal["zero", "random"]
+LrStep = Literal["batch", "epoch"]
+WeightDecayOn = Literal["all", "weights"]
+SmoothingOn = Literal["probabilities", "logits"]
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
 BATCHING_MODES: tuple[str, ...] = typing.get_args(Batching)
 DATASETS: tuple[str, ...] = typing.get_args(Dataset)
@@ -47,6 +57,7 @@ VIEW_SAMPLING: tuple[str, ...] = typing.get_args(ViewSampling)
 IMAGE_SAMPLERS: tuple[str, ...] = typing.get_args(ImageSampler)
 IMAGE_SOURCES: tuple[str, ...] = typing.get_args(ImageSource)
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+NORMALIZATIONS: tuple[str, ...] = typing.get_args(Normalization)
 
 # Keys whose values are credentials: never echoed in errors, run.yaml, logs or reports.
 SEED_LIMIT = 2**63  # seeds are 64-bit signed integers downstream (torch, numpy)
@@ -105,6 +116,27 @@ class DataConfig(_Model):
     num_classes: Int | None = Field(None, ge=2)
     train_per_class: Int | None = Field(None, ge=1)
     image_size: Int = Field(28, ge=8)
+    # mean/std the teacher was trained with, used by squeeze, recover, relabel, the student and evaluation alike:
+    # dataset = the dataset's own (Fashion-MNIST's, digits', ImageNet's for image_folder); none = raw [0, 1] pixels
+    normalization: Normalization = "dataset"
+    # test images of an image_folder: short_side = shorter side to image_size + centre crop; resize_crop = shorter
+    # side to image_size / 0.875 (256 for 224) + centre crop; squash = resize to image_size x image_size
+    eval_resize: EvalResize = "short_side"
+
+    @model_validator(mode="after")
+    def _channels_fit(self) -> DataConfig:
+        gray = self.name in ("fashion_mnist", "digits")
+        require(not (gray and self.normalization in ("imagenet", "tiny_imagenet")), "data.normalization",
+                self.normalization, "dataset or none for a one-channel dataset")
+        require(not (gray and self.eval_resize != "short_side"), "data.eval_resize", self.eval_resize,
+                "short_side for an in-memory dataset (its images are already image-sized)")
+        return self
+
+
+def _divides(section: str, batch_size: int, workers: int) -> None:
+    """The global batch splits evenly over the Ray Train workers."""
+    require(batch_size % workers == 0, f"{section}.batch_size", batch_size,
+            f"a multiple of {section}.num_workers ({workers}): the global batch is split evenly over the workers")
 
 
 class TeacherConfig(_Model):
@@ -113,7 +145,7 @@ class TeacherConfig(_Model):
     arch: Arch = "convnet"
     weights: Annotated[StrictStr | None, _null_or(str.strip)] = Field(None, description="null or a path/URI")
     epochs: Int = Field(4, ge=1)
-    batch_size: Int = Field(256, ge=1)
+    batch_size: Int = Field(256, ge=1)  # global: split evenly over num_workers
     lr: Num = Field(0.1, gt=0)
     weight_decay: Num = Field(5e-4, ge=0)
     num_workers: Int = Field(1, ge=1)
@@ -123,12 +155,20 @@ class TeacherConfig(_Model):
     checkpoints_to_keep: Int = Field(2, ge=1)
     max_failures: Int = Field(3, ge=0, description=WORKER_FAILURES)
 
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TeacherConfig:
+        _divides("teacher", self.batch_size, self.num_workers)
+        return self
+
 
 class SqueezeConfig(_Model):
     """Class-wise BN statistics over the real training set."""
 
     batch_size: Int = Field(500, ge=1)
     partitions: Int = Field(2, ge=1)
+    # center: the evaluation decode; random_resized_crop: one seeded RandomResizedCrop(scale 0.08..1) + flip view
+    # of every training image (the official squeeze transform), still summed exactly in float64
+    transform: SqueezeTransform = "center"
 
 
 class RecoverConfig(_Model):
@@ -141,12 +181,29 @@ class RecoverConfig(_Model):
     r_bn: Num = Field(0.01, ge=0)
     first_bn_multiplier: Num = Field(10.0, ge=0)
     jitter: Int = Field(4, ge=0)
+    jitter_range: JitterRange = "nonnegative"  # rolls drawn from [0, jitter] or [-jitter, jitter]
     crop_scale: Scale = Field((0.08, 1.0), description=SCALE_ALLOWED)
     flip: StrictBool = True
     batching: Batching = "class_wise"
+    statistics: Statistics = "class_wise"  # BN targets; when absent it follows batching (across_classes: global)
     classes_per_pass: Int = Field(1, ge=1)
     source: ImageSource = "synthetic"
     precision: Precision = "fp32"
+    image_format: ImageFormat = "png"  # how images are stored; relabel and the student both decode the stored object
+    jpeg_quality: Int = Field(75, ge=1, le=100)  # Pillow's default, as the official code saves
+
+    @model_validator(mode="before")
+    @classmethod
+    def _statistics_follow_batching(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "statistics" not in data:
+            return {**data, "statistics": "global" if data.get("batching") == "across_classes" else "class_wise"}
+        return data
+
+    @model_validator(mode="after")
+    def _statistics_fit(self) -> RecoverConfig:
+        require(not (self.batching == "across_classes" and self.statistics == "class_wise"), "recover.statistics",
+                self.statistics, "global with recover.batching across_classes (a batch holds one image per class)")
+        return self
 
 
 class RelabelConfig(_Model):
@@ -159,6 +216,7 @@ class RelabelConfig(_Model):
     mix: MixMode = "cutmix"
     cutmix_beta: Num = Field(1.0, gt=0)
     cutout_fraction: Num = Field(0.5, gt=0, le=1)
+    cutout_fill: CutoutFill = "zero"  # random: one uniform colour per view, drawn with the view and stored in it
     batch_size: Int = Field(256, ge=1)
 
 
@@ -167,14 +225,19 @@ class TrainConfig(_Model):
 
     arch: Arch = "convnet"
     epochs: Int = Field(300, ge=1)
-    batch_size: Int = Field(50, ge=1)
+    batch_size: Int = Field(50, ge=1)  # global: split evenly over num_workers
     optimizer: Optimizer = "adamw"
     lr: Num = Field(1e-3, gt=0)
     weight_decay: Num = Field(0.01, ge=0)
+    weight_decay_on: WeightDecayOn = "all"  # weights: only parameters with 2 or more dimensions (not BN, not biases)
     momentum: Num = Field(0.9, ge=0, lt=1)
+    lr_step: LrStep = "batch"  # the warm-up and cosine factor changes every batch, or once per epoch
     warmup_epochs: Int = Field(0, ge=0, description="an integer in [0, train.epochs)")
+    warmup_start: Num | None = Field(None, gt=0, le=1, description="null or a number in (0, 1]")
     temperature: Num = Field(4.0, gt=0)
+    t_squared: StrictBool = False  # multiply the KD loss by T^2
     label_smoothing: Num = Field(0.0, ge=0, lt=1)
+    smoothing_on: SmoothingOn = "probabilities"
     view_sampling: ViewSampling = "cycle"
     sampler: ImageSampler = "global"  # shard: whole label shards per rank and epoch, so a rank reads N/W records, not N
     eval_every: Int = Field(50, ge=1)
@@ -189,6 +252,7 @@ class TrainConfig(_Model):
     @model_validator(mode="after")
     def _warmup_before_end(self) -> TrainConfig:
         require(self.warmup_epochs < self.epochs, "train.warmup_epochs", self.warmup_epochs, "an integer in [0, train.epochs)")
+        _divides("train", self.batch_size, self.num_workers)
         return self
 
 

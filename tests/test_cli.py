@@ -8,6 +8,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli, tree_snapshot
 
 from lpld_ray.method.models import build_model, save_weights_bytes
+from lpld_ray.store.label_table import LABEL_SCHEMA_VERSION
 
 PRESET = "jobs/configs/fashion_mnist.yaml"
 
@@ -106,7 +107,7 @@ def test_train_on_labels_of_an_unknown_schema_version_names_the_shard(tmp_path, 
     before = tree_snapshot(run)
     assert_one_line_error(cli(["--config", PRESET, "--run-dir", str(run), "--stages", "train"]),
                           "train cannot read labels/shard-00000: label schema version 99 is not supported "
-                          "(supported: 2): run with --stages relabel,train")
+                          f"(supported: {LABEL_SCHEMA_VERSION}): run with --stages relabel,train")
     assert tree_snapshot(run) == before
 
 

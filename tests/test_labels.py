@@ -165,7 +165,7 @@ def test_parquet_round_trip_and_schema_version_check(tmp_path):
     assert table.num_rows == meta["records"] == int(counts[:4].sum())
     sizes = label_bytes(table)
     assert sizes == {"logits": meta["logit_bytes"], "aug": meta["aug_bytes"], "total": meta["logit_bytes"] + meta["aug_bytes"]}
-    assert sizes["aug"] == table.num_rows * 51
+    assert sizes["aug"] == table.num_rows * 54
     old = dict(table.schema.metadata)
     bad = table.replace_schema_metadata({**old, VERSION_KEY: b"99"})
     with pytest.raises(StorageError) as err:
@@ -206,7 +206,7 @@ def test_a_schema_version_1_label_shard_is_refused_with_one_line(tmp_path):
     with pytest.raises(StorageError) as err:
         read_label_table(table_to_parquet(table.replace_schema_metadata(v1)))
     msg = str(err.value)
-    assert "label schema version 1, which is not supported (supported: 2)" in msg and "\n" not in msg
+    assert f"label schema version 1, which is not supported (supported: {LABEL_SCHEMA_VERSION})" in msg and "\n" not in msg
     manifest = read_manifest(store, LABELS_STAGE, "shard-00000")
     old = dataclasses.replace(manifest, meta={k: v for k, v in {**manifest.meta, "schema_version": 1}.items()
                                               if k != "sampler_version"})
@@ -215,7 +215,7 @@ def test_a_schema_version_1_label_shard_is_refused_with_one_line(tmp_path):
     with pytest.raises(LpldError) as err:
         require_label_schema(store, ["shard-00000"])
     msg = str(err.value)
-    assert "labels/shard-00000" in msg and "version 1 is not supported (supported: 2)" in msg and "\n" not in msg
+    assert "labels/shard-00000" in msg and f"version 1 is not supported (supported: {LABEL_SCHEMA_VERSION})" in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize("field,value", [("compression", 0.5), ("epochs", 0), ("cutmix_beta", 0.0),

@@ -108,7 +108,7 @@ def test_workers_that_fit(runner, gpus, cpus, expected):
     ({"teacher": {"cpus_per_worker": 4}}, ["teacher"], "teacher.cpus_per_worker is 4, but the largest node of this "
      "Ray cluster has 2 CPUs (allowed: at most 2)"),
     ({"runner": {"cpus_per_worker": 8}}, ["recover"], "runner.cpus_per_worker is 8"),
-    ({"train": {"num_workers": 3, "cpus_per_worker": 1}}, ["train"], None),
+    ({"train": {"num_workers": 3, "cpus_per_worker": 1, "batch_size": 51}}, ["train"], None),
     ({"teacher": {"num_workers": 4, "weights": "/w.pt"}}, ["teacher"], None),  # given weights: no Ray Train run
 ])
 def test_workers_must_fit_the_cluster_before_anything_starts(overrides, asked, message):

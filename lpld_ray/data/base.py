@@ -8,7 +8,7 @@ import torch
 from lpld_ray.config import DataConfig
 from lpld_ray.config_errors import bad_value
 from lpld_ray.errors import DataError
-from lpld_ray.method.images import DIGITS_SPEC, FASHION_SPEC, IMAGENET_MEAN, IMAGENET_STD, ImageSpec
+from lpld_ray.method.images import DIGITS_SPEC, FASHION_SPEC, IMAGENET_MEAN, IMAGENET_STD, ImageSpec, with_stats
 
 
 class ClassDataset(torch.utils.data.Dataset):
@@ -29,6 +29,10 @@ class ClassDataset(torch.utils.data.Dataset):
     def image(self, i: int) -> torch.Tensor:
         """Image ``i`` as float32 [C,S,S] in [0,1], not normalised."""
         raise NotImplementedError
+
+    def source_image(self, i: int) -> torch.Tensor:
+        """Image ``i`` at its source resolution (what a random resized crop draws from): here the image itself."""
+        return self.image(i)
 
     def images(self, idx: torch.Tensor) -> torch.Tensor:
         """Images at ``idx`` stacked to [len(idx),C,S,S]."""
@@ -56,12 +60,14 @@ class ClassDataset(torch.utils.data.Dataset):
 
 
 def image_spec(cfg: DataConfig) -> ImageSpec:
-    """Shape and normalisation of the configured dataset's images, without reading it."""
+    """Shape and normalisation (``data.normalization``) of the configured dataset's images, without reading it."""
     if cfg.name == "fashion_mnist":
-        return FASHION_SPEC
-    if cfg.name == "digits":
-        return DIGITS_SPEC
-    return ImageSpec(3, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
+        own = FASHION_SPEC
+    elif cfg.name == "digits":
+        own = DIGITS_SPEC
+    else:
+        own = ImageSpec(3, cfg.image_size, IMAGENET_MEAN, IMAGENET_STD)
+    return with_stats(own, cfg.normalization)
 
 
 def check_image_size(cfg: DataConfig) -> None:

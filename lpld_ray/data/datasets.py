@@ -12,14 +12,10 @@ import numpy as np
 import torch
 
 from lpld_ray.config import DATASETS, DataConfig
-from lpld_ray.data.base import ClassDataset, check_image_size, class_count, class_rank, select_indices
+from lpld_ray.data.base import ClassDataset, check_image_size, class_count, class_rank, image_spec, select_indices
 from lpld_ray.data.folder import check_folder, folder_class_names, load_folder
 from lpld_ray.errors import DataError
-from lpld_ray.method.images import (
-    DIGITS_SPEC,
-    FASHION_SPEC,
-    ImageSpec,
-)
+from lpld_ray.method.images import ImageSpec
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +157,7 @@ def _load_fashion(cfg: DataConfig, split: str) -> ClassDataset:
     targets = torch.from_numpy(labels.astype(np.int64))
     idx, n = select_indices(targets, cfg, split, len(FASHION_CLASSES))
     pixels = torch.from_numpy(images).unsqueeze(1)[idx]
-    return TensorClassDataset(pixels, targets[idx], 255.0, FASHION_SPEC, list(FASHION_CLASSES[:n]))
+    return TensorClassDataset(pixels, targets[idx], 255.0, image_spec(cfg), list(FASHION_CLASSES[:n]))
 
 
 def _load_digits(cfg: DataConfig, split: str) -> ClassDataset:
@@ -177,4 +173,4 @@ def _load_digits(cfg: DataConfig, split: str) -> ClassDataset:
     part = torch.nonzero(in_train if split == "train" else ~in_train).flatten()
     pixels, labels = pixels[part], labels[part]
     idx, n = select_indices(labels, cfg, split, 10)
-    return TensorClassDataset(pixels[idx], labels[idx], 16.0, DIGITS_SPEC, [str(d) for d in range(n)])
+    return TensorClassDataset(pixels[idx], labels[idx], 16.0, image_spec(cfg), [str(d) for d in range(n)])

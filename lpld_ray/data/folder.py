@@ -19,21 +19,27 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
 class FolderClassDataset(ClassDataset):
-    """Image files of one split, read through a Store and decoded on access: RGB, shorter side resized, centre crop.
-    A DataLoader batch (``__getitems__``) is read and decoded in ``decode_threads`` threads."""
+    """Image files of one split, read through a Store and decoded on access: RGB, resized as ``resize`` says
+    (data.eval_resize). A DataLoader batch (``__getitems__``) is read and decoded in ``decode_threads`` threads."""
 
     def __init__(self, store: Store, files: list[str], targets: torch.Tensor, spec: ImageSpec, class_names: list[str],
-                 decode_threads: int = 0) -> None:
+                 decode_threads: int = 0, resize: str = "short_side") -> None:
         super().__init__(spec, targets, class_names)
         self.store, self.files = store, files  # the Store pickles without its filesystem and reopens it per process
         self.decode_threads = decode_threads or torch.get_num_threads()
+        self.resize = resize
 
     @property
     def root(self) -> str:
         return self.store.root
 
     def image(self, i: int) -> torch.Tensor:
-        return decode_image(self.store.read_bytes(self.files[i]), self.spec.size, self.store.uri(self.files[i]))
+        return decode_image(self.store.read_bytes(self.files[i]), self.spec.size, self.store.uri(self.files[i]),
+                            self.resize)
+
+    def source_image(self, i: int) -> torch.Tensor:
+        """Image ``i`` at the file's own resolution, float32 [3,H,W] in [0,1]."""
+        return decode_image(self.store.read_bytes(self.files[i]), 0, self.store.uri(self.files[i]), "none")
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         """One batch, its files read and decoded in threads (object reads and Pillow's decoders release the GIL)."""
@@ -48,11 +54,25 @@ class FolderClassDataset(ClassDataset):
 
     def subset(self, idx: torch.Tensor) -> "FolderClassDataset":
         return FolderClassDataset(self.store, [self.files[i] for i in idx.tolist()], self.targets[idx], self.spec,
-                                  self.class_names, self.decode_threads)
+                                  self.class_names, self.decode_threads, self.resize)
 
 
-def decode_image(data: bytes, size: int, name: str) -> torch.Tensor:
-    """Decode one file's bytes to float32 [3,size,size] in [0,1]: resize shorter side, centre crop."""
+CROP_RATIO = 0.875  # 224 / 256: resize_crop resizes the shorter side to size / 0.875, then crops size
+
+
+def _short_side(rgb: Image.Image, side: int) -> Image.Image:
+    """The shorter side resized to ``side`` (bilinear), the aspect ratio kept."""
+    w, h = rgb.size
+    if min(w, h) == side:
+        return rgb
+    scale = side / min(w, h)
+    return rgb.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.Resampling.BILINEAR)
+
+
+def decode_image(data: bytes, size: int, name: str, resize: str = "short_side") -> torch.Tensor:
+    """Decode one file's bytes to float32 [3,size,size] in [0,1]. ``resize``: short_side (shorter side to size,
+    centre crop), resize_crop (shorter side to size / 0.875, centre crop: 256 -> 224), squash (to size x size),
+    none (the file's own size)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             rgb = img.convert("RGB")
@@ -60,13 +80,13 @@ def decode_image(data: bytes, size: int, name: str) -> torch.Tensor:
         raise DataError(f"cannot decode image '{name}': not an image file Pillow can read") from None
     except (OSError, ValueError) as err:
         raise DataError(f"cannot decode image '{name}': {err}") from err
-    w, h = rgb.size
-    if min(w, h) != size:
-        scale = size / min(w, h)
-        w, h = max(size, round(w * scale)), max(size, round(h * scale))
-        rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
-    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
-    rgb = rgb.crop((left, top, left + size, top + size))
+    if resize == "squash":
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR) if rgb.size != (size, size) else rgb
+    elif resize != "none":
+        rgb = _short_side(rgb, size if resize == "short_side" else int(size / CROP_RATIO))
+        w, h = rgb.size
+        left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+        rgb = rgb.crop((left, top, left + size, top + size))
     arr = np.array(rgb, dtype=np.uint8)
     return torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32) / 255.0
 
@@ -131,7 +151,9 @@ def load_folder(cfg: DataConfig, split: str, options: dict | None = None) -> Fol
         raise DataError(f"image_folder '{cfg.root}' cannot be read: {err}") from None
     targets = torch.tensor(labels, dtype=torch.int64)
     idx, _ = select_indices(targets, cfg, split, len(all_classes))
-    return FolderClassDataset(store, [files[i] for i in idx.tolist()], targets[idx], image_spec(cfg), classes)
+    resize = cfg.eval_resize if split != "train" else "short_side"
+    return FolderClassDataset(store, [files[i] for i in idx.tolist()], targets[idx], image_spec(cfg), classes,
+                              resize=resize)
 
 
 def folder_class_names(cfg: DataConfig, options: dict | None = None) -> list[str]:

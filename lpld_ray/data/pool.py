@@ -157,12 +157,14 @@ class EpochRecords:
         self.partner = col["partner_id"].to_numpy()
         self.partner_flip = col["partner_flip"].to_numpy(zero_copy_only=False)
         self.lam = col["lam"].to_numpy()
+        self.fill = col["fill"].values.to_numpy().reshape(-1, 3)
         self.boxes = {n: col[n].values.to_numpy().reshape(-1, 4) for n in BOX_FIELDS}
         self.logits = col["logits"].values.to_numpy().reshape(-1, num_classes)
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.ids, self.view_ids, self.flip, self.mix, self.partner, self.partner_flip, self.lam, self.logits]
+        arrays = [self.ids, self.view_ids, self.flip, self.mix, self.partner, self.partner_flip, self.lam, self.fill,
+                  self.logits]
         return sum(a.nbytes for a in arrays) + sum(b.nbytes for b in self.boxes.values())
 
     def partners(self) -> np.ndarray:
@@ -173,7 +175,7 @@ class EpochRecords:
         mix = int(self.mix[j])
         return ViewParams(int(self.ids[j]), int(self.view_ids[j]), crop, bool(self.flip[j]), mix, int(self.partner[j]),
                           partner_crop if mix == 1 else None, bool(self.partner_flip[j]), box if mix else None,
-                          float(self.lam[j]))
+                          float(self.lam[j]), tuple(int(v) for v in self.fill[j]))
 
     def target(self, j: int) -> Tensor:
         return torch.from_numpy(self.logits[j].astype(np.float32))

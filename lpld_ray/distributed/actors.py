@@ -60,10 +60,11 @@ class ShardWorker:
 
 
 @ray.remote
-def squeeze_task(part: ClassDataset, arch: str, state: bytes, batch_size: int, threads: int):
+def squeeze_task(part: ClassDataset, arch: str, state: bytes, batch_size: int, threads: int,
+                 transform: str = "center", seed: int = 0, first: int = 0):
     torch.set_num_threads(threads)
     teacher = build_teacher(arch, state, part.num_classes, part.spec.channels, part.spec.size)
-    return squeeze_partition(teacher, part, batch_size)
+    return squeeze_partition(teacher, part, batch_size, transform, seed, first)
 
 
 @ray.remote

@@ -54,6 +54,7 @@ from lpld_ray.pipeline.teacher import (
 )
 from lpld_ray.pipeline.units import (
     data_partition,
+    partition_start,
     write_stats,
 )
 from lpld_ray.store.layout import (
@@ -106,7 +107,7 @@ def run_squeeze(ctx: StageRun) -> dict:
     def submit(p: int) -> ray.ObjectRef:
         return squeeze_task.options(num_cpus=cfg.runner.cpus_per_worker).remote(
             data_partition(train_set, p, parts), cfg.teacher.arch, state_ref, cfg.squeeze.batch_size,
-            cfg.runner.cpus_per_worker)
+            cfg.runner.cpus_per_worker, cfg.squeeze.transform, cfg.seed, partition_start(len(train_set), p, parts))
 
     progress = Progress("squeeze", parts, cfg.runner.progress_every_s)
     total = reduce_in_order(submit, parts, window, get_or_raise, progress.advance)

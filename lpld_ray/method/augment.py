@@ -63,6 +63,18 @@ def resized_crop(x: torch.Tensor, box: CropBox, size: int) -> torch.Tensor:
     return F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def squeeze_view(image: torch.Tensor, gen: np.random.Generator, size: int,
+                 scale: tuple[float, float] = (0.08, 1.0)) -> torch.Tensor:
+    """The official squeeze transform of one [C,H,W] source image: RandomResizedCrop(size, ``scale``) drawn over
+    the image's own H x W and resized bilinearly (antialiased when shrinking, as Pillow does), then a flip with
+    probability 1/2; all draws from ``gen``."""
+    box = sample_crop(gen, image.shape[-2], image.shape[-1], scale)
+    patch = image[None, :, box.top : box.top + box.height, box.left : box.left + box.width]
+    out = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False,
+                        antialias=min(box.height, box.width) > size)[0]
+    return out.flip(-1) if uniform(gen, 0.0, 1.0) < 0.5 else out
+
+
 @dataclass(frozen=True)
 class SynthAug:
     """One draw of the recover-time augmentation: crop, flip, then a roll by (dy, dx)."""
@@ -73,11 +85,14 @@ class SynthAug:
     dx: int
 
     @staticmethod
-    def sample(gen: np.random.Generator, size: int, scale: tuple[float, float], flip: bool, jitter: int) -> "SynthAug":
-        """One draw from ``gen``: crop, flip (when ``flip``), and a roll of 0..jitter pixels each way."""
+    def sample(gen: np.random.Generator, size: int, scale: tuple[float, float], flip: bool, jitter: int,
+               symmetric: bool = False) -> "SynthAug":
+        """One draw from ``gen``: crop, flip (when ``flip``), and a roll of 0..jitter pixels each way, or of
+        -jitter..jitter when ``symmetric``."""
         box = sample_crop(gen, size, size, scale)
         do_flip = flip and uniform(gen, 0.0, 1.0) < 0.5
-        return SynthAug(box, do_flip, randint(gen, 0, jitter), randint(gen, 0, jitter))
+        low = -jitter if symmetric else 0
+        return SynthAug(box, do_flip, randint(gen, low, jitter), randint(gen, low, jitter))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         out = resized_crop(x, self.box, x.shape[-1])

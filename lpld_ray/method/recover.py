@@ -143,11 +143,12 @@ def recover_groups(
     bn_inputs: list[torch.Tensor] = []
     hooks = [m.register_forward_pre_hook(lambda _m, inp: bn_inputs.append(inp[0])) for m in bn_modules(teacher)]
     sizes = [len(g.labels) for g in groups]
+    symmetric = cfg.jitter_range == "symmetric"
     try:
         for step in range(cfg.iterations):
             for pg in optimizer.param_groups:
                 pg["lr"] = cosine_lr(cfg.lr, step, cfg.iterations)
-            augs = [SynthAug.sample(gen, spec.size, cfg.crop_scale, cfg.flip, cfg.jitter) for gen in gens]
+            augs = [SynthAug.sample(gen, spec.size, cfg.crop_scale, cfg.flip, cfg.jitter, symmetric) for gen in gens]
             views = torch.cat([aug.apply(part) for aug, part in zip(augs, torch.split(x, sizes))])
             views = views.contiguous(memory_format=torch.channels_last)
             bn_inputs.clear()

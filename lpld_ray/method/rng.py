@@ -33,6 +33,7 @@ class Stream(IntEnum):
     SHARD_ORDER = 8  # ShardSampler: a rank's image order within an epoch, keyed by (seed, epoch, rank)
     MODEL_INIT = 9  # a model's initial weights (torch.manual_seed of a training worker), keyed by (seed,)
     TRAIN_ORDER = 10  # DistributedSampler's shuffle of a training set (it adds the epoch), keyed by (seed,)
+    SQUEEZE_VIEW = 11  # the random resized crop + flip of one real training image in squeeze, keyed by (seed, index)
 
 
 def _entropy(stream: Stream | int, seed: int, ids: tuple[int, ...]) -> list[int]:

@@ -54,6 +54,13 @@ class TrainSetup:
     eval_batch_size: int = 1000
 
 
+def per_worker_batch(batch_size: int, world: int) -> int:
+    """Each of ``world`` workers' share of the global ``batch_size``; ValueError when it does not divide evenly."""
+    if world < 1 or batch_size % world:
+        raise ValueError(f"global batch {batch_size} does not split evenly over {world} workers: use a multiple of {world}")
+    return batch_size // world
+
+
 def rank_slice(n: int, rank: int, world: int) -> range:
     """The contiguous part of ``range(n)`` that ``rank`` of ``world`` handles; the parts cover it once."""
     return range(n * rank // world, n * (rank + 1) // world)
@@ -110,20 +117,41 @@ def evaluate(model: nn.Module, loader: DataLoader, spec: ImageSpec, device: torc
     return correct / max(seen, 1)
 
 
+def param_groups(model: nn.Module, weight_decay: float, on: str = "all") -> list[dict]:
+    """Optimizer parameter groups: ``on`` all: one group with ``weight_decay``; weights: decay only on parameters
+    with 2 or more dimensions (conv and linear weights), none on BN parameters and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if on == "all":
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The student's optimizer: AdamW or SGD with momentum, as ``cfg`` says."""
+    """The student's optimizer: AdamW or SGD with momentum, weight decay on the parameters ``cfg`` says."""
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_on)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup: int, warmup_start: float | None) -> float:
+    """The learning-rate factor at ``step`` of ``total``: linear warm-up over the first ``warmup`` steps, then
+    cosine to zero over the rest. Warm-up: (step + 1) / warmup when ``warmup_start`` is None, else torch's LinearLR
+    from ``warmup_start``: s + (1 - s) * step / warmup. Cosine: 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup)))."""
+    if step < warmup:
+        if warmup_start is None:
+            return (step + 1) / warmup
+        return warmup_start + (1 - warmup_start) * step / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up for ``warmup_epochs``, then cosine to zero, stepped per batch."""
+    """Warm-up for ``warmup_epochs``, then cosine to zero; stepped per batch, the factor changing every batch
+    (``lr_step`` batch) or once per epoch (epoch: the official recipes' per-epoch schedule)."""
+    if cfg.lr_step == "epoch":
+        steps = max(1, steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step // steps, cfg.epochs, cfg.warmup_epochs, cfg.warmup_start))
     warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, cfg.warmup_start))

@@ -54,8 +54,9 @@ class ViewParams:
     partner_id: int  # -1 unless cutmix
     partner_crop: CropBox | None
     partner_flip: bool
-    mix_box: CropBox | None  # cutmix: pasted from the partner view; cutout: zeroed
+    mix_box: CropBox | None  # cutmix: pasted from the partner view; cutout: filled with ``fill``
     lam: float  # cutmix: 1 - box area / image area; 1.0 otherwise
+    fill: tuple[int, int, int] = (0, 0, 0)  # cutout: the box's colour in 0..255 (one channel uses the first)
 
 
 def _centered_box(gen: np.random.Generator, size: int, cut: int) -> CropBox:
@@ -85,7 +86,10 @@ def sample_view(seed: int, image_id: int, view_id: int, num_images: int, size: i
         lam = 1.0 - box.height * box.width / (size * size)
         return ViewParams(image_id, view_id, crop, flip, mix, partner, partner_crop, partner_flip, box, lam)
     box = _centered_box(gen, size, max(1, round(cfg.cutout_fraction * size))) if mix == 2 else None
-    return ViewParams(image_id, view_id, crop, flip, mix, -1, None, False, box, 1.0)
+    fill = (0, 0, 0)
+    if mix == 2 and cfg.cutout_fill == "random":  # drawn after the box: zero-fill views keep their draws
+        fill = (randint(gen, 0, 255), randint(gen, 0, 255), randint(gen, 0, 255))
+    return ViewParams(image_id, view_id, crop, flip, mix, -1, None, False, box, 1.0, fill)
 
 
 def plan_views(seed: int, image_ids: Iterable[int], counts: Tensor, cfg: RelabelConfig, size: int) -> list[ViewParams]:
@@ -109,7 +113,7 @@ def _crop_flip(image: Tensor, box: CropBox, flip: bool, size: int) -> Tensor:
 
 
 def compose_view(image: Tensor, partner: Tensor | None, view: ViewParams, size: int) -> Tensor:
-    """The augmented [C,size,size] view: crop, resize, flip; then CutMix paste or Cutout zeroing.
+    """The augmented [C,size,size] view: crop, resize, flip; then CutMix paste or Cutout fill (``view.fill`` / 255).
 
     The one function used at relabel time and by :class:`lpld_ray.data.pool.LabelPool`; give it the decoded PNGs
     (CPU tensors in [0,1]) in both places and the views are bit-identical.
@@ -124,5 +128,6 @@ def compose_view(image: Tensor, partner: Tensor | None, view: ViewParams, size: 
             raise ValueError(f"view {view.image_id}/{view.view_id} is a CutMix view: it needs its partner image {view.partner_id}")
         out[:, rows, cols] = _crop_flip(partner, view.partner_crop, view.partner_flip, size)[:, rows, cols]
     else:
-        out[:, rows, cols] = 0.0
+        fill = torch.tensor(view.fill[: out.shape[0]], dtype=out.dtype) / 255.0
+        out[:, rows, cols] = fill.view(-1, 1, 1)
     return out

@@ -13,6 +13,7 @@ from lpld_ray.config import Config, DataConfig
 from lpld_ray.data.base import check_image_size, image_spec
 from lpld_ray.errors import DataError
 from lpld_ray.method.models import bn_layers, build_model
+from lpld_ray.method.training import per_worker_batch
 from lpld_ray.method.views import kept_views
 from lpld_ray.pipeline.shards import plan_class_shards
 from lpld_ray.store.label_table import aug_bytes_per_row, label_schema
@@ -25,6 +26,9 @@ LOGIT_BYTES = 2  # fp16
 # Stored PNG bytes per pixel value of a synthetic image, measured on this project's Fashion-MNIST runs
 # (66,041 B for 100 images of 28x28x1; docs/RESULTS.md). Synthetic ImageNet images are similarly high-frequency.
 PNG_BYTES_PER_VALUE = 0.84
+# JPEG at Pillow's default quality 75: the paper's ImageNet-1K IPC 200 images take about 3 GB for 200,000
+# 224x224x3 images, about 0.1 B per value.
+JPEG_BYTES_PER_VALUE = 0.1
 KNOWN = {"fashion_mnist": (10, 1, 60_000), "digits": (10, 1, 1_437)}  # classes, channels, train images
 
 
@@ -84,8 +88,10 @@ def label_bytes(num_images: int, epochs: int, compression: float, num_classes: i
     return label_records(num_images, epochs, compression) * label_record_bytes(num_classes)
 
 
-def image_bytes(num_images: int, channels: int, size: int) -> int:
-    return round(num_images * channels * size * size * PNG_BYTES_PER_VALUE)
+def image_bytes(num_images: int, channels: int, size: int, image_format: str = "png") -> int:
+    """Stored image bytes, from the bytes per pixel value measured (PNG) or reported by the paper (JPEG)."""
+    per_value = JPEG_BYTES_PER_VALUE if image_format == "jpeg" else PNG_BYTES_PER_VALUE
+    return round(num_images * channels * size * size * per_value)
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,8 @@ def loader_memory(cfg: Config, shape: DatasetShape) -> LoaderMemory:
     record = label_record_bytes(shape.num_classes)
     row_group = cfg.runner.class_shard_size * cfg.recover.ipc * record  # one view slot of one class shard
     return LoaderMemory(36 * images + 4 * views, per_rank * record, cfg.train.image_cache_mb << 20,
-                        in_flight * cfg.train.batch_size * sample, per_rank * record + row_group)
+                        in_flight * per_worker_batch(cfg.train.batch_size, cfg.train.num_workers) * sample,
+                        per_rank * record + row_group)
 
 
 def activation_bytes(model: nn.Module, batch: int, channels: int, size: int) -> int:
@@ -146,7 +153,8 @@ def peak_memory(cfg: Config, shape: DatasetShape) -> PeakMemory:
     pixels = pass_images * shape.channels * shape.size ** 2 * 4
     recover = weights(teacher) + 4 * pixels + 2 * activation_bytes(teacher, pass_images, shape.channels, shape.size)
     relabel = weights(teacher) + activation_bytes(teacher, cfg.relabel.batch_size, shape.channels, shape.size)
-    train = 4 * weights(student) + 2 * activation_bytes(student, cfg.train.batch_size, shape.channels, shape.size)
+    batch = per_worker_batch(cfg.train.batch_size, cfg.train.num_workers)  # train.batch_size is global
+    train = 4 * weights(student) + 2 * activation_bytes(student, batch, shape.channels, shape.size)
     return PeakMemory(recover, relabel, train)
 
 
@@ -170,7 +178,9 @@ def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
         f"squeeze: {cfg.squeeze.partitions} data partitions -> {shards} class shards (+ global); "
         f"{human(squeeze_sum_bytes(cfg, shape))} of sums per partition, two held by the driver",
         f"recover: {shards} class shards of {cfg.runner.class_shard_size} classes, {images:,} images x "
-        f"{cfg.recover.iterations} iterations; images ~{human(image_bytes(images, shape.channels, shape.size))} (PNG)",
+        f"{cfg.recover.iterations} iterations; images ~"
+        f"{human(image_bytes(images, shape.channels, shape.size, cfg.recover.image_format))} "
+        f"({cfg.recover.image_format.upper()})",
         f"relabel: {shards} class shards, {cfg.relabel.epochs} epochs of views, "
         f"{label_record_bytes(shape.num_classes):,} B per stored view",
     ]
@@ -179,7 +189,9 @@ def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
         mark = "  <- this run" if k == cfg.relabel.compression else ""
         lines.append(f"  labels at {k:g}x: {human(size)}{mark}")
     lines += [
-        f"train: {cfg.train.epochs} epochs, {cfg.train.num_workers} Ray Train workers",
+        f"train: {cfg.train.epochs} epochs, {cfg.train.num_workers} Ray Train workers, global batch "
+        f"{cfg.train.batch_size} ({per_worker_batch(cfg.train.batch_size, cfg.train.num_workers)} per worker), "
+        f"{-(-images // cfg.train.batch_size):,} steps per epoch",
         f"peak memory per worker (fp32 estimate): recover {human(memory.recover)}, "
         f"relabel {human(memory.relabel)}, train {human(memory.train)}",
         f"train loader per worker (bound): {human(loader.total)} = index {human(loader.index)} + one epoch's records "

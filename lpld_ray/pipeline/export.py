@@ -43,7 +43,7 @@ LABELS_FILE = "labels.parquet"
 README_FILE = "README.md"
 FILE_COLUMN = "file"
 READ_THREADS = 8
-_IMAGE_NAME = re.compile(r"^(\d{5})_(\d{4})\.png$")
+_IMAGE_NAME = re.compile(r"^(\d{5})_(\d{4})\.(png|jpg)$")
 
 
 class ExportError(LpldError):
@@ -177,14 +177,15 @@ COLUMN_DOCS = {
     "view_id": "the view's number among the image's stored views, 0..n-1",
     "crop": "crop box [top, left, height, width] in pixels of the image",
     "flip": "mirror the view horizontally after the crop and resize",
-    "mix": "0 plain view, 1 CutMix (paste mix_box from the partner's view), 2 Cutout (zero mix_box)",
+    "mix": "0 plain view, 1 CutMix (paste mix_box from the partner's view), 2 Cutout (fill mix_box with fill)",
     "partner_id": "CutMix: image_id of the partner image; -1 otherwise",
     "partner_crop": "CutMix: crop box [top, left, height, width] in pixels of the partner image; [0,0,0,0] otherwise",
     "partner_flip": "CutMix: mirror the partner's view; false otherwise",
-    "mix_box": "box [top, left, height, width] in pixels of the resized view that CutMix pastes / Cutout zeroes; "
+    "mix_box": "box [top, left, height, width] in pixels of the resized view that CutMix pastes / Cutout fills; "
                "[0,0,0,0] when mix is 0",
     "lam": "CutMix: 1 - mix_box area / (S*S), the share of the view from the image itself; 1.0 otherwise "
            "(for information: the target below is the teacher's output on the mixed view, not a lam-mix of labels)",
+    "fill": "Cutout: the box's colour [r, g, b] in 0..255 (a one-channel image uses r); [0,0,0] otherwise",
     "logits": "the teacher's output (before softmax) on exactly this view, fp16, one value per class id",
     FILE_COLUMN: "the image's PNG, relative to images/ (join partner_id to image_id for the partner's file)",
 }
@@ -197,7 +198,7 @@ from PIL import Image
 
 
 def load_image(path):
-    # a PNG as a float [C, H, W] tensor in [0, 1]
+    # a PNG or JPEG as a float [C, H, W] tensor in [0, 1]
     pixels = np.asarray(Image.open(path))
     pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255.0
@@ -219,7 +220,8 @@ def rebuild_view(row, images_dir, file_of, size=SIZE):
         partner = crop_flip(partner, row["partner_crop"], row["partner_flip"], size)
         view[:, top:top + height, left:left + width] = partner[:, top:top + height, left:left + width]
     elif row["mix"] == 2:
-        view[:, top:top + height, left:left + width] = 0.0
+        fill = torch.tensor(row["fill"][:view.shape[0]], dtype=view.dtype) / 255.0
+        view[:, top:top + height, left:left + width] = fill.view(-1, 1, 1)
     return view
 
 
@@ -233,6 +235,16 @@ def _type_name(kind: pa.DataType) -> str:
     if pa.types.is_fixed_size_list(kind):
         return f"{_type_name(kind.value_type)}[{kind.list_size}]"
     return {"halffloat": "float16", "float": "float32", "bool": "bool", "string": "string"}.get(str(kind), str(kind))
+
+
+def _smoothing_text(eps: float, on: str) -> str:
+    """How label smoothing enters the KD target, as the export README says it."""
+    if not eps:
+        return "."
+    if on == "logits":
+        return (f", with label smoothing eps = {eps:g} on the logits: softmax(((1 - eps) * logits + eps / classes) / T)"
+                ", which equals softmax((1 - eps) * logits / T).")
+    return f", with label smoothing eps = {eps:g}: (1 - eps) * softmax(logits / T) + eps / classes."
 
 
 def column_lines(schema: pa.Schema) -> list[str]:
@@ -275,11 +287,11 @@ def readme_text(cfg: Config, spec: ImageSpec, root: str, schema: pa.Schema, clas
         "## Columns of labels.parquet", "",
         "| column | type | meaning |", "|---|---|---|", *column_lines(schema), "",
         "## Rebuilding a view", "",
-        f"Decode the PNG to [C,H,W] floats in [0,1] (pixel / 255). Crop `crop` and resize the patch to {size}x{size} "
+        f"Decode the image (PNG or JPEG) to [C,H,W] floats in [0,1] (pixel / 255). Crop `crop` and resize the patch to {size}x{size} "
         "(bilinear, align_corners=False, no antialiasing: `torch.nn.functional.interpolate`); mirror it when `flip`. "
         "CutMix (`mix` 1): build the partner's view the same way from image `partner_id` with `partner_crop` and "
         "`partner_flip`, and paste its `mix_box` region into the view. Cutout (`mix` 2): set the `mix_box` region "
-        "to 0. Normalize as above before the model. This code rebuilds the views bit for bit:", "",
+        "to `fill` / 255. Normalize as above before the model. This code rebuilds the views bit for bit:", "",
         "```python", code.rstrip(), "", "", 'table = pq.read_table("labels.parquet")',
         'file_of = dict(zip(table["image_id"].to_pylist(), table["file"].to_pylist()))',
         'row = table.slice(0, 1).to_pylist()[0]',
@@ -287,8 +299,8 @@ def readme_text(cfg: Config, spec: ImageSpec, root: str, schema: pa.Schema, clas
         "## The KD target", "",
         f"The student is trained towards softmax(logits / T), T = {t.temperature:g}: lpld_ray's loss is "
         "KL(softmax(logits / T) || softmax(student / T)), mean over the batch"
-        + (f", with label smoothing eps = {t.label_smoothing:g}: (1 - eps) * softmax(logits / T) + eps / classes."
-           if t.label_smoothing else "."), "",
+        + _smoothing_text(t.label_smoothing, t.smoothing_on) + (" The loss is multiplied by T^2." if t.t_squared
+                                                               else ""), "",
         "In each epoch every image is used once, through one of its views: image i with n views uses the view with "
         "view_id = epoch mod n (`view_sampling: cycle`; `uniform` draws one at random).", "",
     ]

@@ -28,6 +28,7 @@ def plan_class_shards(num_classes: int, shard_size: int) -> list[ClassShard]:
     ]
 
 
-def stats_shard_for(batching: str, shard: ClassShard) -> str:
-    """The stats shard a recover shard's images are matched to: its own classes' (LPLD), or the global row (SRe2L)."""
-    return shard.name if batching == "class_wise" else GLOBAL_SHARD
+def stats_shard_for(statistics: str, shard: ClassShard) -> str:
+    """The stats shard a recover shard's images are matched to (``recover.statistics``): its own classes'
+    (class_wise, LPLD), or the global row (global, SRe2L)."""
+    return shard.name if statistics == "class_wise" else GLOBAL_SHARD

@@ -53,7 +53,7 @@ def output_shards(stage: str, cfg: Config, shards: list[ClassShard]) -> list[str
     if stage == "teacher":
         return [] if cfg.teacher.weights else [TEACHER_SHARD]
     if stage == "squeeze":
-        return sorted({stats_shard_for(cfg.recover.batching, s) for s in shards})
+        return sorted({stats_shard_for(cfg.recover.statistics, s) for s in shards})
     if stage in ("recover", "relabel"):
         return [s.name for s in shards]
     raise ValueError(f"no later stage reads the output of stage '{stage}'")
@@ -66,7 +66,7 @@ def recover_inputs(cfg: Config, store: Store, shard: ClassShard) -> str:
     """Digest of the stats a class shard's images are made from ('' for random real images)."""
     if cfg.recover.source != "synthetic":
         return ""
-    return inputs_digest(store, (STATS_STAGE,), [stats_shard_for(cfg.recover.batching, shard)])
+    return inputs_digest(store, (STATS_STAGE,), [stats_shard_for(cfg.recover.statistics, shard)])
 
 
 def relabel_inputs(store: Store, shards: list[ClassShard], teacher_sha: str) -> str:

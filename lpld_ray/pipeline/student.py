@@ -20,6 +20,7 @@ from lpld_ray.method.training import (
     TrainSetup,
     make_optimizer,
     make_scheduler,
+    per_worker_batch,
 )
 from lpld_ray.pipeline.history import put_history
 from lpld_ray.store.layout import STUDENT_STAGE
@@ -78,18 +79,19 @@ class StudentJob:
         spec = test_set.spec
         pool = open_pool(self.store, self.ipc, spec.size, cfg, self.seed)
         sampler = image_sampler(pool, cfg.sampler, world, rank, self.seed)
-        loader = DataLoader(pool, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.loader_workers)
+        batch = per_worker_batch(cfg.batch_size, world)  # train.batch_size is the global batch
+        loader = DataLoader(pool, batch_size=batch, sampler=sampler, num_workers=cfg.loader_workers)
 
         def set_epoch(epoch: int) -> None:
             sampler.set_epoch(epoch)
             pool.set_epoch(epoch, list(sampler))  # reads only this rank's records and images of this epoch
 
         model = build_model(cfg.arch, test_set.num_classes, spec.channels, spec.size)
-        return TrainSetup(model, loader, test_set, spec, SoftTargetKLLoss(cfg.temperature, cfg.label_smoothing),
-                          set_epoch)
+        loss = SoftTargetKLLoss(cfg.temperature, cfg.label_smoothing, cfg.smoothing_on, cfg.t_squared)
+        return TrainSetup(model, loader, test_set, spec, loss, set_epoch)
 
     def optimizer(self, model: nn.Module, steps_per_epoch: int):
-        """AdamW or SGD, warm-up then cosine, stepped per batch."""
+        """AdamW or SGD, warm-up then cosine (the factor per batch or per epoch), stepped per batch."""
         optimizer = make_optimizer(model, self.train)
         return optimizer, make_scheduler(optimizer, self.train, steps_per_epoch)
 

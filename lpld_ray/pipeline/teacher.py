@@ -17,7 +17,7 @@ from lpld_ray.data.datasets import load_dataset
 from lpld_ray.errors import LpldError
 from lpld_ray.method.models import build_model, build_teacher, save_weights_bytes
 from lpld_ray.method.rng import sampler_seed
-from lpld_ray.method.training import EpochSchedule, TrainSetup, evaluate, random_flip
+from lpld_ray.method.training import EpochSchedule, TrainSetup, evaluate, per_worker_batch, random_flip
 from lpld_ray.pipeline.history import put_history
 from lpld_ray.store.layout import TEACHER_STAGE
 from lpld_ray.store.manifest import (
@@ -78,7 +78,8 @@ class TeacherJob:
         test_set = load_dataset(self.data, "test", self.data_options)
         spec = train_set.spec
         sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=sampler_seed(self.seed))
-        loader = DataLoader(train_set, batch_size=self.teacher.batch_size, sampler=sampler, drop_last=True)
+        batch = per_worker_batch(self.teacher.batch_size, world)  # teacher.batch_size is the global batch
+        loader = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True)
         model = build_model(self.teacher.arch, train_set.num_classes, spec.channels, spec.size)
         return TrainSetup(model, loader, test_set, spec, nn.CrossEntropyLoss(), sampler.set_epoch, random_flip)
 

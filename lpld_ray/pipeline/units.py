@@ -8,10 +8,11 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from lpld_ray.config import RecoverConfig
 from lpld_ray.data.base import ClassDataset
+from lpld_ray.method.augment import squeeze_view
 from lpld_ray.method.images import ImageSpec, normalize
 from lpld_ray.method.recover import (
     BNTarget,
@@ -19,11 +20,11 @@ from lpld_ray.method.recover import (
     class_wise_groups,
     recover_groups,
 )
-from lpld_ray.method.rng import Stream, torch_generator
+from lpld_ray.method.rng import Stream, generator, torch_generator
 from lpld_ray.method.squeeze import BNSums, accumulate_bn_sums
 from lpld_ray.pipeline.shards import GLOBAL_SHARD, ClassShard
-from lpld_ray.store.codecs import decode_png, encode_png
-from lpld_ray.store.layout import IMAGES_STAGE, STATS_STAGE, image_object_name
+from lpld_ray.store.codecs import IMAGE_EXTENSIONS, decode_png, encode_image
+from lpld_ray.store.layout import IMAGES_STAGE, STATS_STAGE, image_id_from_name, image_object_name
 from lpld_ray.store.manifest import (
     ShardWriter,
     current_shard,
@@ -41,15 +42,38 @@ STATS_OBJECT = "bn_sums.npz"
 # ----------------------------------------------------------------------------- squeeze
 
 
+def partition_start(size: int, partition: int, partitions: int) -> int:
+    """The dataset index of the first sample of partition ``partition`` of ``partitions``."""
+    return int(np.linspace(0, size, partitions + 1).astype(int)[partition])
+
+
 def data_partition(dataset: ClassDataset, partition: int, partitions: int) -> ClassDataset:
     """Contiguous partition ``partition`` of ``partitions`` of a dataset (file lists are sliced, nothing is read)."""
     bounds = np.linspace(0, len(dataset), partitions + 1).astype(int)
     return dataset.subset(torch.arange(bounds[partition], bounds[partition + 1]))
 
 
-def squeeze_partition(teacher: nn.Module, part: ClassDataset, batch_size: int) -> BNSums:
-    """Per-class BN sums over one partition of the real training set."""
-    loader = DataLoader(part, batch_size=batch_size, shuffle=False)
+class SqueezeViews(Dataset):
+    """The squeeze transform's view of every image of a partition: RandomResizedCrop + flip of the source image,
+    drawn from the stream (SQUEEZE_VIEW, seed, dataset index), so the sums do not depend on the partitioning."""
+
+    def __init__(self, part: ClassDataset, seed: int, first: int) -> None:
+        self.part, self.seed, self.first = part, int(seed), int(first)
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        gen = generator(Stream.SQUEEZE_VIEW, self.seed, self.first + i)
+        return squeeze_view(self.part.source_image(i), gen, self.part.spec.size), int(self.part.targets[i])
+
+
+def squeeze_partition(teacher: nn.Module, part: ClassDataset, batch_size: int, transform: str = "center",
+                      seed: int = 0, first: int = 0) -> BNSums:
+    """Per-class BN sums over one partition of the real training set (which starts at dataset index ``first``):
+    of the evaluation decode (``transform`` center) or of one seeded random resized crop + flip per image."""
+    views = part if transform == "center" else SqueezeViews(part, seed, first)
+    loader = DataLoader(views, batch_size=batch_size, shuffle=False)
     device = next(teacher.parameters()).device
     batches = ((normalize(x.to(device), part.spec), y) for x, y in loader)
     return accumulate_bn_sums(teacher, batches, part.num_classes)
@@ -92,8 +116,8 @@ def recover_shard(
     real_train: ClassDataset | None = None,
     inputs: str = "",
 ) -> dict:
-    """Synthesize (or, for the baseline, pick real) IPC images per class of the shard; commit them as PNGs
-    with ``inputs`` (the digest of the stats they were made from) in the manifest."""
+    """Synthesize (or, for the baseline, pick real) IPC images per class of the shard; commit them once, encoded as
+    ``recover.image_format`` says (relabel and the student both decode these objects), with ``inputs`` (the digest of the stats they were made from) in the manifest."""
     started = time.time()
     classes = list(shard.class_ids)
     if cfg.source == "real":
@@ -101,12 +125,13 @@ def recover_shard(
     else:
         per_class = synthesize(store, teacher, spec, cfg, classes, shard, seed, device)
     writer = ShardWriter(store, IMAGES_STAGE, shard.name)
+    ext = IMAGE_EXTENSIONS[cfg.image_format]
     for c in classes:
         for i, image in enumerate(per_class[c]):
-            writer.put(image_object_name(c, i), encode_png(image))
+            writer.put(image_object_name(c, i, ext), encode_image(image, cfg.image_format, cfg.jpeg_quality))
     seconds = time.time() - started
-    meta = {"classes": classes, "ipc": cfg.ipc, "batching": cfg.batching, "source": cfg.source, "seconds": seconds,
-            "inputs": inputs}
+    meta = {"classes": classes, "ipc": cfg.ipc, "batching": cfg.batching, "statistics": cfg.statistics,
+            "source": cfg.source, "image_format": cfg.image_format, "seconds": seconds, "inputs": inputs}
     writer.commit(seed, meta)
     return {"shard": shard.name, "seconds": seconds, "images": len(classes) * cfg.ipc}
 
@@ -120,13 +145,16 @@ def synthesize(
     store: Store, teacher: nn.Module, spec: ImageSpec, cfg: RecoverConfig, classes: list[int], shard: ClassShard,
     seed: int, device: torch.device | str,
 ) -> dict[int, list[torch.Tensor]]:
-    """Recover the shard's images, ``classes_per_pass`` groups per forward pass."""
-    if cfg.batching == "class_wise":
-        targets = BNTarget.rows_of(load_stats(store, shard.name))
-        groups = class_wise_groups(classes, cfg.ipc, targets, seed)
+    """Recover the shard's images, ``classes_per_pass`` groups per forward pass; the groups as ``recover.batching``
+    says, matched to the BN statistics ``recover.statistics`` names (class_wise: each class's own; global)."""
+    if cfg.statistics == "class_wise":
+        class_targets = BNTarget.rows_of(load_stats(store, shard.name))
     else:
-        global_target = BNTarget.rows_of(load_stats(store, GLOBAL_SHARD))[0]
-        groups = across_class_groups(classes, cfg.ipc, global_target, seed)
+        class_targets = BNTarget.rows_of(load_stats(store, GLOBAL_SHARD)) * len(classes)
+    if cfg.batching == "class_wise":
+        groups = class_wise_groups(classes, cfg.ipc, class_targets, seed)
+    else:
+        groups = across_class_groups(classes, cfg.ipc, class_targets[0], seed)
     per_class: dict[int, list[torch.Tensor]] = {c: [] for c in classes}
     for start in range(0, len(groups), cfg.classes_per_pass):
         chunk = groups[start : start + cfg.classes_per_pass]
@@ -158,8 +186,9 @@ def load_images(store: Store, ipc: int, ids: set[int], shards: list[ClassShard])
         manifest = read_manifest(store, IMAGES_STAGE, name)
         if manifest is None:
             raise FileNotFoundError(f"images shard '{name}' has no manifest: run the recover stage")
+        by_id = {image_id_from_name(e.name, ipc): e.name for e in manifest.objects}  # png or jpg, as written
         for image_id in shard_ids:
-            obj = image_object_name(image_id // ipc, image_id % ipc)
+            obj = by_id.get(image_id, image_object_name(image_id // ipc, image_id % ipc))
             images[image_id] = decode_png(read_object(store, IMAGES_STAGE, name, obj, manifest))
     return images
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lpld_ray.errors import StorageError
 
-LABEL_SCHEMA_VERSION = 2  # 2: the schema metadata records the sampler version of the views
+LABEL_SCHEMA_VERSION = 3  # 2: the schema metadata records the sampler version; 3: the Cutout fill colour
 
 
 VERSION_KEY = b"lpld_label_schema_version"
@@ -32,7 +32,8 @@ def label_schema(num_classes: int, sampler_version: int | None = None) -> pa.Sch
     fields = [
         ("image_id", pa.int64()), ("view_id", pa.int32()), ("crop", box), ("flip", pa.bool_()),
         ("mix", pa.int8()), ("partner_id", pa.int64()), ("partner_crop", box), ("partner_flip", pa.bool_()),
-        ("mix_box", box), ("lam", pa.float32()), ("logits", pa.list_(pa.float16(), int(num_classes))),
+        ("mix_box", box), ("lam", pa.float32()), ("fill", pa.list_(pa.uint8(), 3)),
+        ("logits", pa.list_(pa.float16(), int(num_classes))),
     ]
     meta = {VERSION_KEY: str(LABEL_SCHEMA_VERSION).encode(), NUM_CLASSES_KEY: str(int(num_classes)).encode()}
     if sampler_version is not None:
@@ -58,6 +59,8 @@ def records_to_table(views: list, logits: Tensor, num_classes: int, sampler_vers
         pa.array([v.mix for v in views], pa.int8()), pa.array([v.partner_id for v in views], pa.int64()),
         _boxes([v.partner_crop for v in views]), pa.array([v.partner_flip for v in views], pa.bool_()),
         _boxes([v.mix_box for v in views]), pa.array([v.lam for v in views], pa.float32()),
+        pa.FixedSizeListArray.from_arrays(pa.array(np.array([v.fill for v in views], dtype=np.uint8).reshape(-1),
+                                                   pa.uint8()), 3),
         pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), num_classes),
     ]
     return pa.Table.from_arrays(columns, schema=label_schema(num_classes, sampler_version))

@@ -23,12 +23,12 @@ TRAIN_RUN_PREFIX = "ray_train"  # <teacher|train>/ray_train-<key>/: a Ray Train 
 LABELS_OBJECT = "labels.parquet"  # the one object of a labels shard
 
 
-def image_object_name(class_id: int, index: int) -> str:
-    """The object name of image ``index`` of class ``class_id`` in its images shard."""
-    return f"{class_id:05d}_{index:04d}.png"
+def image_object_name(class_id: int, index: int, ext: str = "png") -> str:
+    """The object name of image ``index`` of class ``class_id`` in its images shard (``ext``: png or jpg)."""
+    return f"{class_id:05d}_{index:04d}.{ext}"
 
 
 def image_id_from_name(name: str, ipc: int) -> int:
-    """Run-wide image id (``class_id * ipc + index``) of an image object ``CCCCC_IIII.png``."""
+    """Run-wide image id (``class_id * ipc + index``) of an image object ``CCCCC_IIII.png`` (or ``.jpg``)."""
     class_id, index = name.split(".")[0].split("_")
     return int(class_id) * int(ipc) + int(index)

@@ -23,7 +23,7 @@ from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
 
-RUN_SCHEMA_VERSION = 1
+RUN_SCHEMA_VERSION = 2  # 2: teacher.batch_size and train.batch_size are global batches, split over the workers
 
 
 def library_versions() -> dict[str, str]:
@@ -50,7 +50,7 @@ def check_run_record(store: Store, cfg: Config) -> bool:
         raise LpldError(
             f"'{store.uri(RUN_RECORD)}' has schema_version {version!r}; this lpld_ray reads up to {RUN_SCHEMA_VERSION}: upgrade lpld_ray or use a new --run-dir"
         )
-    stored, asked = with_defaults(old_config), config_to_dict(cfg)
+    stored, asked = with_defaults(upgraded(old_config, version)), config_to_dict(cfg)
     diff = result_key_diff(stored, asked)
     if diff:
         was, now = flatten(stored), flatten(asked)
@@ -60,6 +60,20 @@ def check_run_record(store: Store, cfg: Config) -> bool:
                         "and start over")
     log.info("resuming the run at %s", store.root)
     return True
+
+
+def upgraded(old_config: dict, version: int) -> dict:
+    """A stored config in this version's terms: before version 2 a batch size was per Ray Train worker, so the
+    global batch it trained with was batch_size x num_workers."""
+    if version >= 2 or not isinstance(old_config, dict):
+        return old_config
+    out = dict(old_config)
+    for name in ("teacher", "train"):
+        section = out.get(name)
+        if isinstance(section, dict) and isinstance(section.get("batch_size"), int):
+            workers = section.get("num_workers", 1)
+            out[name] = {**section, "batch_size": section["batch_size"] * (workers if isinstance(workers, int) else 1)}
+    return out
 
 
 def with_defaults(old_config: dict) -> dict:
@@ -79,5 +93,6 @@ def write_run_record(store: Store, cfg: Config) -> None:
 
 
 def read_run_config(store: Store) -> Config:
-    """The config a run was made with, from its run.yaml."""
-    return config_from_dict(yaml.safe_load(store.read_text(RUN_RECORD))["config"])
+    """The config a run was made with, from its run.yaml (in this version's terms)."""
+    record = yaml.safe_load(store.read_text(RUN_RECORD))
+    return config_from_dict(upgraded(record["config"], int(record.get("schema_version", 1))))
