@@ -50,7 +50,7 @@ CASES: dict[str, Case] = {
                                    "new"),
     "teacher.cpus_per_worker=4": Case("hang", ("--set", "teacher.cpus_per_worker=4"),
                                       "teacher.cpus_per_worker is 4, but the largest node of this Ray cluster has 2 CPUs"),
-    "train.num_workers=3": Case("hang", ("--set", "train.num_workers=3"), "3 x 2 = 6 CPUs", "new"),
+    "train.num_workers=4": Case("hang", ("--set", "train.num_workers=4"), "4 x 2 = 8 CPUs", "new"),
     "runner.cpus_per_worker=8": Case("hang", ("--set", "runner.cpus_per_worker=8"), "runner.cpus_per_worker is 8"),
     "autoscaling cluster that never grows": Case(
         "hang", ("--set", "teacher.num_workers=4", "--set", "runner.resource_wait_s=0.3"),
