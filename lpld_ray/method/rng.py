@@ -33,6 +33,9 @@ class Stream(IntEnum):
     SHARD_ORDER = 8  # ShardSampler: a rank's image order within an epoch, keyed by (seed, epoch, rank)
     MODEL_INIT = 9  # a model's initial weights (torch.manual_seed of a training worker), keyed by (seed,)
     TRAIN_ORDER = 10  # DistributedSampler's shuffle of a training set (it adds the epoch), keyed by (seed,)
+    # 11 is taken on the recipes branch (SQUEEZE_VIEW)
+    RDED_CANDIDATES = 12  # RDED: which real images of a class are candidates, keyed by (seed, class_id)
+    RDED_CROPS = 13  # RDED: the crop boxes of one candidate, keyed by (seed, class_id, candidate position)
 
 
 def _entropy(stream: Stream | int, seed: int, ids: tuple[int, ...]) -> list[int]:
