@@ -20,6 +20,7 @@ METHODS = {
               "recover.classes_per_pass=10",
               "runner.cpus_per_worker=2"],
     "real": ["recover.source=real"],
+    "rded": ["recover.source=rded"],
 }
 
 
@@ -43,7 +44,7 @@ def run_cell(args: argparse.Namespace, method: str, ipc: int, k: float, seed: in
     run_dir = f"{args.out}/{method}_ipc{ipc}_k{k:g}_s{seed}"
     overrides = [*METHODS[method], f"recover.ipc={ipc}", f"relabel.compression={k}", f"seed={seed}",
                  f"teacher.weights={args.teacher}", *args.overrides]
-    stages = "recover,relabel,train,report" if method == "real" else "squeeze,recover,relabel,train,report"
+    stages = "recover,relabel,train,report" if method in ("real", "rded") else "squeeze,recover,relabel,train,report"
     if args.stats_from and method == "lpld":  # stats depend only on the teacher, the data and the shard size
         copy_stage(Store(args.stats_from), Store(run_dir), "stats")
     if images_from and not Path(run_dir, "report", "report.json").exists():

@@ -36,7 +36,7 @@ MixMode = Literal["none", "cutmix", "cutout"]
 Optimizer = Literal["adamw", "sgd"]
 ViewSampling = Literal["cycle", "uniform"]
 ImageSampler = Literal["global", "shard"]
-ImageSource = Literal["synthetic", "real"]
+ImageSource = Literal["synthetic", "real", "rded"]
 Precision = Literal["fp32", "bf16"]
 Normalization = Literal["dataset", "imagenet", "tiny_imagenet", "none"]
 EvalResize = Literal["short_side", "resize_crop", "squash"]
@@ -206,6 +206,18 @@ class RecoverConfig(_Model):
         return self
 
 
+class RdedConfig(_Model):
+    """recover.source rded (RDED, Sun et al. CVPR 2024): per class, ``crops`` random square crops of each of
+    ``candidates`` real images scored by the teacher's CE; the best crop of each of the ipc x factor^2 best images,
+    stitched factor x factor. Defaults: the official small-dataset scripts (CIFAR, Tiny-ImageNet)."""
+
+    candidates: Int = Field(300, ge=1)  # official --mipc
+    crops: Int = Field(5, ge=1)  # official --num-crop
+    factor: Int = Field(1, ge=1)  # official --factor: tiles per side of one stored image
+    crop_scale: Scale = Field((0.08, 1.0), description=SCALE_ALLOWED)  # RandomResizedCrop's default, ratio 1
+    batch_size: Int = Field(128, ge=1)  # crops per teacher forward while scoring (resume-neutral)
+
+
 class RelabelConfig(_Model):
     """The pruned label pool: E epochs of views, 1/k of them kept, teacher output stored as fp16."""
 
@@ -300,6 +312,7 @@ class Config(_Model):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     squeeze: SqueezeConfig = Field(default_factory=SqueezeConfig)
     recover: RecoverConfig = Field(default_factory=RecoverConfig)
+    rded: RdedConfig = Field(default_factory=RdedConfig)
     relabel: RelabelConfig = Field(default_factory=RelabelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
@@ -311,6 +324,17 @@ class Config(_Model):
         if self.recover.source == "real" and per_class is not None:
             require(self.recover.ipc <= per_class, "recover.ipc", self.recover.ipc,
                     f"at most data.train_per_class ({per_class}) with recover.source real")
+        return self
+
+    @model_validator(mode="after")
+    def _rded_candidates_suffice(self) -> Config:
+        if self.recover.source == "rded":
+            rd, per_class, kept = self.rded, self.data.train_per_class, self.recover.ipc * self.rded.factor ** 2
+            require(rd.candidates >= kept, "rded.candidates", rd.candidates,
+                    f"at least recover.ipc x rded.factor^2 ({kept}): one crop is kept per candidate image")
+            if per_class is not None:
+                require(rd.candidates <= per_class, "rded.candidates", rd.candidates,
+                        f"at most data.train_per_class ({per_class})")
         return self
 
 
@@ -325,6 +349,7 @@ RESUME_NEUTRAL_KEYS = frozenset({
     "teacher.max_failures", "squeeze.batch_size", "squeeze.partitions", "recover.classes_per_pass", "relabel.batch_size",
     "train.eval_every", "train.checkpoint_every", "train.checkpoints_to_keep", "train.cpus_per_worker",
     "train.max_failures", "train.loader_workers", "train.image_cache_mb",
+    "rded.batch_size",  # crops per scoring forward
 })
 # Where and how the run is stored does not change its results.
 RESUME_NEUTRAL_SECTIONS = ("storage.",)

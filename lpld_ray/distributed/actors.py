@@ -9,7 +9,7 @@ from typing import Any
 import ray
 import torch
 
-from lpld_ray.config import Config, DataConfig, RecoverConfig, RelabelConfig
+from lpld_ray.config import Config, DataConfig, RdedConfig, RecoverConfig, RelabelConfig
 from lpld_ray.data.base import ClassDataset, image_spec
 from lpld_ray.data.datasets import load_dataset
 from lpld_ray.distributed.cluster import actor_options
@@ -38,10 +38,12 @@ class ShardWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def recover(self, shard: ClassShard, cfg: RecoverConfig, seed: int, inputs: str) -> dict:
-        if cfg.source == "real" and self.real_train is None:  # read once per actor, not per shard
+    def recover(self, shard: ClassShard, cfg: RecoverConfig, seed: int, inputs: str, rded: RdedConfig | None = None
+                ) -> dict:
+        if cfg.source in ("real", "rded") and self.real_train is None:  # listed once per actor, not per shard
             self.real_train = load_dataset(self.data, "train", self.data_options)
-        return recover_shard(self.store, self.teacher, self.spec, cfg, shard, seed, self.device, self.real_train, inputs)
+        return recover_shard(self.store, self.teacher, self.spec, cfg, shard, seed, self.device, self.real_train, inputs,
+                             rded)
 
     def relabel(self, shard: ClassShard, shards: list[ClassShard], cfg: RelabelConfig, ipc: int, num_classes: int,
                 seed: int, inputs: str) -> dict:

@@ -119,7 +119,7 @@ def run_squeeze(ctx: StageRun) -> dict:
 def run_recover(ctx: StageRun) -> dict:
     """Recover every class shard without a verified manifest on a pool of actors; then the contact sheet."""
     cfg, store, shards = ctx.cfg, ctx.store, ctx.shards
-    inputs = {s.name: recover_inputs(cfg, store, s) for s in shards}
+    inputs = {s.name: recover_inputs(cfg, store, s, ctx.teacher_sha) for s in shards}
     pending = [s for s in shards if current_shard(store, IMAGES_STAGE, s.name, inputs[s.name]) is None]
     log.info("recover: %d of %d class shards to do", len(pending), len(shards))
     if pending:
@@ -127,7 +127,7 @@ def run_recover(ctx: StageRun) -> dict:
             "recover",
             pending,
             lambda: shard_worker(cfg, store, ctx.state_ref, ctx.num_classes),
-            lambda actor, shard: actor.recover.remote(shard, cfg.recover, cfg.seed, inputs[shard.name]),
+            lambda actor, shard: actor.recover.remote(shard, cfg.recover, cfg.seed, inputs[shard.name], cfg.rded),
             cfg.runner,
         )
     sheet = write_contact_sheet(store, shards, class_names(cfg.data, data_options(cfg)))

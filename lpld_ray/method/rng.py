@@ -34,6 +34,8 @@ class Stream(IntEnum):
     MODEL_INIT = 9  # a model's initial weights (torch.manual_seed of a training worker), keyed by (seed,)
     TRAIN_ORDER = 10  # DistributedSampler's shuffle of a training set (it adds the epoch), keyed by (seed,)
     SQUEEZE_VIEW = 11  # the random resized crop + flip of one real training image in squeeze, keyed by (seed, index)
+    RDED_CANDIDATES = 12  # RDED: which real images of a class are candidates, keyed by (seed, class_id)
+    RDED_CROPS = 13  # RDED: the crop boxes of one candidate, keyed by (seed, class_id, candidate position)
 
 
 def _entropy(stream: Stream | int, seed: int, ids: tuple[int, ...]) -> list[int]:

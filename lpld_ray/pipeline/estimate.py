@@ -158,6 +158,35 @@ def peak_memory(cfg: Config, shape: DatasetShape) -> PeakMemory:
     return PeakMemory(recover, relabel, train)
 
 
+@dataclass(frozen=True)
+class RdedMemory:
+    """What one shard actor holds at its peak for recover.source rded (lpld_ray.pipeline.units.rded_images): one
+    class's candidates and crops at a time, one scoring batch, and the shard's stitched images until written."""
+
+    teacher: int  # fp32 weights
+    candidates: int  # rded.candidates decoded images of one class
+    crops: int  # rded.crops crops of each, at size // factor
+    scoring: int  # one padded batch of rded.batch_size crops and the teacher's activations for it (no grad)
+    shard_images: int  # the shard's ipc images per class, kept until the shard is committed
+
+    @property
+    def total(self) -> int:
+        return self.teacher + self.candidates + self.crops + self.scoring + self.shard_images
+
+
+def rded_memory(cfg: Config, shape: DatasetShape) -> RdedMemory:
+    """Per-actor peak for RDED: bounded by one class and one scoring batch, not by the dataset."""
+    with torch.device("meta"):
+        teacher = build_model(cfg.teacher.arch, shape.num_classes, shape.channels, shape.size).eval()
+    rd, image = cfg.rded, shape.channels * shape.size ** 2 * 4
+    patch = shape.channels * (shape.size // rd.factor) ** 2 * 4
+    batch = min(rd.batch_size, rd.candidates * rd.crops)
+    return RdedMemory(sum(p.numel() for p in teacher.parameters()) * 4, rd.candidates * image,
+                      rd.candidates * rd.crops * patch,
+                      batch * image + activation_bytes(teacher, batch, shape.channels, shape.size),
+                      cfg.runner.class_shard_size * cfg.recover.ipc * image)
+
+
 def squeeze_sum_bytes(cfg: Config, shape: DatasetShape) -> int:
     """One data partition's float64 sums (lpld_ray.method.squeeze.BNSums): per class and BN layer a count, and per channel
     a sum and a sum of squares. The driver holds two at a time while it adds them up."""
@@ -171,6 +200,9 @@ def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
     shards = len(plan_class_shards(shape.num_classes, cfg.runner.class_shard_size))
     images = shape.num_classes * cfg.recover.ipc
     memory, loader = peak_memory(cfg, shape), loader_memory(cfg, shape)
+    rd = rded_memory(cfg, shape) if cfg.recover.source == "rded" else None
+    if rd is not None:
+        memory = PeakMemory(rd.total, memory.relabel, memory.train)
     seen = "unknown here" if shape.train_images is None else f"{shape.train_images:,}"
     lines = [
         f"dataset: {shape.num_classes:,} classes, {shape.channels}x{shape.size}x{shape.size}, train images {seen}",
@@ -178,8 +210,9 @@ def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
         f"squeeze: {cfg.squeeze.partitions} data partitions -> {shards} class shards (+ global); "
         f"{human(squeeze_sum_bytes(cfg, shape))} of sums per partition, two held by the driver",
         f"recover: {shards} class shards of {cfg.runner.class_shard_size} classes, {images:,} images x "
-        f"{cfg.recover.iterations} iterations; images ~"
-        f"{human(image_bytes(images, shape.channels, shape.size, cfg.recover.image_format))} "
+        + (f"{cfg.rded.factor}x{cfg.rded.factor} crops (RDED: best of {cfg.rded.crops} crops of "
+           f"{cfg.rded.candidates} real images per class)" if rd else f"{cfg.recover.iterations} iterations")
+        + f"; images ~{human(image_bytes(images, shape.channels, shape.size, cfg.recover.image_format))} "
         f"({cfg.recover.image_format.upper()})",
         f"relabel: {shards} class shards, {cfg.relabel.epochs} epochs of views, "
         f"{label_record_bytes(shape.num_classes):,} B per stored view",
@@ -194,6 +227,9 @@ def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
         f"{-(-images // cfg.train.batch_size):,} steps per epoch",
         f"peak memory per worker (fp32 estimate): recover {human(memory.recover)}, "
         f"relabel {human(memory.relabel)}, train {human(memory.train)}",
+        *([f"recover (rded) per actor: {human(rd.total)} = teacher {human(rd.teacher)} + one class's candidates "
+           f"{human(rd.candidates)} + their crops {human(rd.crops)} + a scoring batch {human(rd.scoring)} "
+           f"+ the shard's images {human(rd.shard_images)}"] if rd else []),
         f"train loader per worker (bound): {human(loader.total)} = index {human(loader.index)} + one epoch's records "
         f"{human(loader.epoch_records)} + image cache {human(loader.image_cache)} + batches {human(loader.batches)} "
         f"+ while an epoch is read {human(loader.epoch_read)}",

@@ -62,8 +62,11 @@ def output_shards(stage: str, cfg: Config, shards: list[ClassShard]) -> list[str
 # ----------------------------------------------------------------------------- inputs digests
 
 
-def recover_inputs(cfg: Config, store: Store, shard: ClassShard) -> str:
-    """Digest of the stats a class shard's images are made from ('' for random real images)."""
+def recover_inputs(cfg: Config, store: Store, shard: ClassShard, teacher_sha: str = "") -> str:
+    """Digest of what a class shard's images are made from: its stats (synthetic), the teacher that scored the crops
+    (rded), nothing ('' for random real images)."""
+    if cfg.recover.source == "rded":
+        return hashlib.sha256(f"rded:{teacher_sha}".encode()).hexdigest()
     if cfg.recover.source != "synthetic":
         return ""
     return inputs_digest(store, (STATS_STAGE,), [stats_shard_for(cfg.recover.statistics, shard)])

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lpld_ray.config import RecoverConfig
+from lpld_ray.config import RdedConfig, RecoverConfig, config_to_dict
 from lpld_ray.data.base import ClassDataset
 from lpld_ray.method.augment import squeeze_view
 from lpld_ray.method.images import ImageSpec, normalize
+from lpld_ray.method.rded import rded_class
 from lpld_ray.method.recover import (
     BNTarget,
     across_class_groups,
@@ -115,13 +116,20 @@ def recover_shard(
     device: torch.device | str = "cpu",
     real_train: ClassDataset | None = None,
     inputs: str = "",
+    rded: RdedConfig | None = None,
 ) -> dict:
-    """Synthesize (or, for the baseline, pick real) IPC images per class of the shard; commit them once, encoded as
-    ``recover.image_format`` says (relabel and the student both decode these objects), with ``inputs`` (the digest of the stats they were made from) in the manifest."""
+    """Synthesize (or pick real, or RDED-select and stitch real crops) IPC images per class of the shard; commit them
+    once, encoded as ``recover.image_format`` says (relabel and the student both decode these objects), with ``inputs``
+    (the digest of the stats or teacher they were made from) in the manifest."""
     started = time.time()
     classes = list(shard.class_ids)
+    extra: dict = {}
     if cfg.source == "real":
         per_class = random_real_images(real_train, classes, cfg.ipc, seed)
+    elif cfg.source == "rded":
+        rded = rded or RdedConfig()
+        per_class, losses = rded_images(real_train, teacher, spec, rded, classes, cfg.ipc, seed, device)
+        extra = {"rded": config_to_dict(rded), "rded_mean_ce": losses}
     else:
         per_class = synthesize(store, teacher, spec, cfg, classes, shard, seed, device)
     writer = ShardWriter(store, IMAGES_STAGE, shard.name)
@@ -131,7 +139,7 @@ def recover_shard(
             writer.put(image_object_name(c, i, ext), encode_image(image, cfg.image_format, cfg.jpeg_quality))
     seconds = time.time() - started
     meta = {"classes": classes, "ipc": cfg.ipc, "batching": cfg.batching, "statistics": cfg.statistics,
-            "source": cfg.source, "image_format": cfg.image_format, "seconds": seconds, "inputs": inputs}
+            "source": cfg.source, "image_format": cfg.image_format, "seconds": seconds, "inputs": inputs, **extra}
     writer.commit(seed, meta)
     return {"shard": shard.name, "seconds": seconds, "images": len(classes) * cfg.ipc}
 
@@ -139,6 +147,22 @@ def recover_shard(
 def random_real_images(real_train: ClassDataset, classes: list[int], ipc: int, seed: int) -> dict[int, list[torch.Tensor]]:
     """The baseline: IPC random real training images per class, from the stream keyed by (REAL_IMAGES, seed, class)."""
     return {c: list(real_train.class_images(c, ipc, torch_generator(Stream.REAL_IMAGES, seed, c))) for c in classes}
+
+
+def rded_images(
+    real_train: ClassDataset, teacher: nn.Module, spec: ImageSpec, cfg: RdedConfig, classes: list[int], ipc: int,
+    seed: int, device: torch.device | str,
+) -> tuple[dict[int, list[torch.Tensor]], dict[str, float]]:
+    """RDED's IPC stitched images per class, one class at a time: only that class's ``cfg.candidates`` real images
+    (the stream keyed by (RDED_CANDIDATES, seed, class)) are read, so memory is bounded by one class. Also each
+    class's mean CE over the crops it kept."""
+    per_class, losses = {}, {}
+    for c in classes:
+        picked = real_train.class_images(c, cfg.candidates, torch_generator(Stream.RDED_CANDIDATES, seed, c))
+        candidates = list(picked)  # decoded at data.image_size; the official code crops the file at its own size
+        result = rded_class(teacher, candidates, c, ipc, cfg, spec, seed, device)
+        per_class[c], losses[str(c)] = list(result.images), round(float(result.losses.mean()), 6)
+    return per_class, losses
 
 
 def synthesize(
