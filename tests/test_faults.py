@@ -288,17 +288,32 @@ def test_store_outage_mid_recover_then_the_full_pipeline_on_s3(ray_cluster, teac
         assert moto_s3.secret_key.encode() not in store.read_bytes(name), name
 
 
-def test_force_new_starts_over_after_a_refused_resume(ray_cluster, finished_run, teacher, tmp_path, cli):
+# RDED's selected real crops, stitched 2x2, at a size the tiny run affords
+RDED = ["recover.source=rded", "rded.candidates=24", "rded.crops=3", "rded.factor=2", "rded.batch_size=32"]
+
+
+def test_force_new_starts_over_with_rded_images_after_a_refused_resume(ray_cluster, finished_run, teacher, tmp_path,
+                                                                       cli):
+    """A changed image source is refused on the earlier run; with --force-new that run's outputs go and the shard
+    actors commit RDED images (which need the teacher only, not squeeze's statistics) per class shard."""
     run_dir = tmp_path / "again"
     src, store = Store(str(finished_run.run_dir)), Store(str(run_dir))
     for stage in ("stats", "images", "labels"):
         copy_stage(src, store, stage)
     store.write_bytes("run.yaml", src.read_bytes("run.yaml"))
     before = tree_snapshot(run_dir)
-    changed = ["--stages", "squeeze", *fault_args(run_dir, teacher, "data.train_per_class=150")]
-    assert_one_line_error(cli(changed), "data.train_per_class (was 200, now 150)")
+    changed = ["--stages", "recover", *fault_args(run_dir, teacher, *RDED)]
+    assert_one_line_error(cli(changed), "recover.source (was 'synthetic', now 'rded')")
     assert tree_snapshot(run_dir) == before
     _, summary = submit_ok(ray_cluster, ["--force-new", *changed])
-    assert summary["squeeze"]["shards_written"] == CLASS_SHARDS + 1  # every class shard and the global one
-    assert store.list("images") == store.list("labels") == []  # the earlier run's later stages went too
-    assert yaml.safe_load((run_dir / "run.yaml").read_text())["config"]["data"]["train_per_class"] == 150
+    assert summary["recover"]["shards_done"] == CLASS_SHARDS
+    assert store.list("stats") == store.list("labels") == []  # the earlier run's other stages went too
+    assert yaml.safe_load((run_dir / "run.yaml").read_text())["config"]["recover"]["source"] == "rded"
+    assert sorted(list_shards(store, "images")) == [f"shard-{i:05d}" for i in range(CLASS_SHARDS)]
+    digests = set()
+    for shard in list_shards(store, "images"):
+        manifest = verify_shard(store, "images", shard)
+        assert manifest is not None and manifest.meta["source"] == "rded" and manifest.meta["rded"]["candidates"] == 24
+        assert len(manifest.objects) == 4  # recover.ipc
+        digests.add(manifest.meta["inputs"])
+    assert len(digests) == 1 and "" not in digests  # the teacher's digest, the same for every shard

@@ -47,8 +47,8 @@ class ClassDataset(torch.utils.data.Dataset):
     def indices_of_class(self, c: int) -> torch.Tensor:
         return torch.nonzero(self.targets == c).flatten()
 
-    def class_images(self, c: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The first ``count`` images of class ``c``, or a random subset of them with ``generator``."""
+    def class_indices(self, c: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Indices of the first ``count`` images of class ``c``, or of a random subset of them with ``generator``."""
         if not 0 <= c < self.num_classes:
             raise DataError(f"class {c} is out of range: the dataset has classes 0..{self.num_classes - 1}")
         idx = self.indices_of_class(c)
@@ -56,7 +56,11 @@ class ClassDataset(torch.utils.data.Dataset):
             raise DataError(f"class {c} ('{self.class_names[c]}') has {idx.numel()} images but {count} were asked for")
         if generator is not None:
             idx = idx[torch.randperm(idx.numel(), generator=generator)[:count]]
-        return self.images(idx[:count])
+        return idx[:count]
+
+    def class_images(self, c: int, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The images at ``class_indices(c, count, generator)``, stacked."""
+        return self.images(self.class_indices(c, count, generator))
 
 
 def image_spec(cfg: DataConfig) -> ImageSpec:

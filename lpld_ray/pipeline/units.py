@@ -158,8 +158,8 @@ def rded_images(
     class's mean CE over the crops it kept."""
     per_class, losses = {}, {}
     for c in classes:
-        picked = real_train.class_images(c, cfg.candidates, torch_generator(Stream.RDED_CANDIDATES, seed, c))
-        candidates = list(picked)  # decoded at data.image_size; the official code crops the file at its own size
+        picked = real_train.class_indices(c, cfg.candidates, torch_generator(Stream.RDED_CANDIDATES, seed, c))
+        candidates = [real_train.source_image(int(i)) for i in picked]  # as the official code, each file at its own size
         result = rded_class(teacher, candidates, c, ipc, cfg, spec, seed, device)
         per_class[c], losses[str(c)] = list(result.images), round(float(result.losses.mean()), 6)
     return per_class, losses
