@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lpld_ray.config import load_config, replace
+from lpld_ray.config_io import load_config, replace
 from lpld_ray.distributed.driver import run_pipeline
 from lpld_ray.machine import describe_machine
 from lpld_ray.store.manifest import copy_stage

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lpld_ray.config import load_config
+from lpld_ray.config_io import load_config
 from lpld_ray.data.pool import ImageSource, LabelPool, LabelShards
 from lpld_ray.machine import describe_machine
 from lpld_ray.method.kd import SoftTargetKLLoss  # noqa

@@ -13,8 +13,9 @@ from typing import Sequence
 
 import torch
 
-from lpld_ray.config import Config, load_config
+from lpld_ray.config import Config
 from lpld_ray.config_errors import bad_value
+from lpld_ray.config_io import load_config
 from lpld_ray.data.base import ClassDataset
 from lpld_ray.data.datasets import check_dataset, read_both_splits
 from lpld_ray.distributed.cluster import (

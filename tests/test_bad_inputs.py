@@ -20,7 +20,8 @@ import pytest
 from conftest import REPO, assert_one_line_error
 from PIL import Image
 
-from lpld_ray.config import RunnerConfig, load_config
+from lpld_ray.config import RunnerConfig
+from lpld_ray.config_io import load_config
 from lpld_ray.pipeline.plan import workers_that_fit
 from lpld_ray.store.manifest import ShardWriter
 from lpld_ray.store.run_record import write_run_record

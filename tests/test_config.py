@@ -5,18 +5,8 @@ import pickle
 import pytest
 from pydantic import ValidationError
 
-from lpld_ray.config import (
-    ARCHS,
-    Config,
-    RecoverConfig,
-    StorageConfig,
-    TrainConfig,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    replace,
-    result_key_diff,
-)
+from lpld_ray.config import ARCHS, Config, RecoverConfig, StorageConfig, TrainConfig
+from lpld_ray.config_io import config_from_dict, config_to_dict, load_config, replace, result_key_diff
 from lpld_ray.errors import ConfigError
 
 
@@ -107,7 +97,7 @@ def test_all_presets_load():
 
 
 def test_storage_section_validates_and_never_echoes_secrets():
-    from lpld_ray.config import redacted
+    from lpld_ray.config_io import redacted
 
     cfg = load_config(None, ["storage.endpoint_url=http://127.0.0.1:9000", "storage.access_key_id=AKID",
                              "storage.secret_access_key=hunter2-secret"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lpld_ray.config import load_config
+from lpld_ray.config_io import load_config
 from lpld_ray.pipeline.estimate import (
     GIB,
     activation_bytes,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_labels import IPC, Recorder, make_images, tiny_teacher
 
-from lpld_ray.config import load_config
+from lpld_ray.config_io import load_config
 from lpld_ray.method.views import image_id_of, plan_views, view_counts
 from lpld_ray.pipeline.export import class_folders, known_class_names, safe_folder_name
 from lpld_ray.pipeline.labels import RelabelTask, relabel_shard

@@ -19,6 +19,7 @@ FORBIDDEN = {
     "pipeline": ("lpld_ray.distributed", "lpld_ray.cli", "ray"),
     "config.py": ("lpld_ray.method", *INNER, "ray", *OBJECT_STORES),
     "config_errors.py": ("lpld_ray.method", *INNER, "ray", *OBJECT_STORES),
+    "config_io.py": ("lpld_ray.method", *INNER, "ray", *OBJECT_STORES),
 }
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lpld_ray.config import Config, RdedConfig, RecoverConfig, config_from_dict
+from lpld_ray.config import Config, RdedConfig, RecoverConfig
+from lpld_ray.config_io import config_from_dict
 from lpld_ray.data.datasets import TensorClassDataset
 from lpld_ray.errors import ConfigError
 from lpld_ray.method.images import ImageSpec
@@ -191,7 +192,7 @@ def test_config_refuses_too_few_candidates():
 
 
 def test_plan_states_rded_memory_per_actor_bounded_by_one_class():
-    from lpld_ray.config import load_config
+    from lpld_ray.config_io import load_config
     from lpld_ray.pipeline.estimate import dataset_shape, plan_lines, rded_memory
 
     cfg = load_config("jobs/configs/imagenet1k_rn18.yaml", ["recover.source=rded"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lpld_ray.config import Config, DataConfig, RecoverConfig, TrainConfig, config_from_dict
+from lpld_ray.config import Config, DataConfig, RecoverConfig, TrainConfig
+from lpld_ray.config_io import config_from_dict
 from lpld_ray.data.base import image_spec
 from lpld_ray.errors import ConfigError
 from lpld_ray.method.augment import SynthAug

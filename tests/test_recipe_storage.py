@@ -10,7 +10,8 @@ from PIL import Image
 from test_labels import CLASSES, IPC, SIDE, make_images, relabel, tiny_teacher
 from test_pool import open_pool
 
-from lpld_ray.config import RecoverConfig, RelabelConfig, config_from_dict
+from lpld_ray.config import RecoverConfig, RelabelConfig
+from lpld_ray.config_io import config_from_dict
 from lpld_ray.data.datasets import TensorClassDataset
 from lpld_ray.data.folder import decode_image
 from lpld_ray.errors import ConfigError

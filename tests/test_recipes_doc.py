@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lpld_ray.config import config_to_dict, flatten, load_config
+from lpld_ray.config_io import config_to_dict, flatten, load_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "RECIPES.md"
 PRESETS = ("imagenet1k_rn18", "tiny_imagenet_rn18", "imagenet21kp_rn18")

@@ -149,7 +149,7 @@ def test_channels_last_leaves_the_loss_within_tolerance_of_the_default_layout(te
 def test_bf16_autocast_keeps_the_loss_within_tolerance_of_fp32(teacher_and_sums):
     """The recover loss of the same images under bf16 autocast stays within 2% of fp32, and synthesis under bf16
     reaches a final loss within 10% of fp32 (bf16 keeps 8 bits of mantissa: ~0.4% per value)."""
-    from lpld_ray.config import replace
+    from lpld_ray.config_io import replace
 
     model, sums = teacher_and_sums
     groups = class_wise_groups([0, 1, 2, 3], CFG.ipc, BNTarget.rows_of(sums), run_seed=5)

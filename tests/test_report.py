@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lpld_ray.config import DataConfig, TeacherConfig, TrainConfig, config_from_dict
+from lpld_ray.config import DataConfig, TeacherConfig, TrainConfig
+from lpld_ray.config_io import config_from_dict
 from lpld_ray.data.datasets import FASHION_CLASSES
 from lpld_ray.pipeline.history import HISTORY_OBJECT, read_history
 from lpld_ray.pipeline.plots import CURVE_OBJECT, training_histories

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lpld_ray.config import Config, RunnerConfig, config_from_dict
+from lpld_ray.config import Config, RunnerConfig
+from lpld_ray.config_io import config_from_dict
 from lpld_ray.errors import LpldError
 from lpld_ray.pipeline.plan import check_resources, check_stage_inputs, stages_to_run, workers_that_fit
 from lpld_ray.pipeline.queue import ShardLost, ShardQueue

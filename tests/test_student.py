@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from lpld_ray.config import TrainConfig, load_config
+from lpld_ray.config import TrainConfig
+from lpld_ray.config_io import load_config
 from lpld_ray.errors import ConfigError
 from lpld_ray.method.kd import SoftTargetKLLoss
 from lpld_ray.method.training import make_optimizer, make_scheduler

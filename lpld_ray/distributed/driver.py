@@ -10,9 +10,7 @@ from typing import Callable
 
 import ray
 
-from lpld_ray.config import (
-    Config,
-)
+from lpld_ray.config import Config
 from lpld_ray.data.datasets import class_names, load_dataset
 from lpld_ray.distributed.actors import (
     data_options,

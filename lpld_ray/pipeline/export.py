@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from lpld_ray.config import Config, StorageConfig, config_from_dict
+from lpld_ray.config import Config, StorageConfig
+from lpld_ray.config_io import config_from_dict
 from lpld_ray.data.base import image_spec
 from lpld_ray.data.datasets import FASHION_CLASSES
 from lpld_ray.data.folder import folder_classes, open_folder

@@ -8,7 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-from lpld_ray.config import Config, replace
+from lpld_ray.config import Config
+from lpld_ray.config_io import replace
 from lpld_ray.errors import LpldError
 from lpld_ray.pipeline.estimate import DatasetShape, human, image_bytes, label_bytes, loader_memory, peak_memory
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lpld_ray.config import RdedConfig, RecoverConfig, config_to_dict
+from lpld_ray.config import RdedConfig, RecoverConfig
+from lpld_ray.config_io import config_to_dict
 from lpld_ray.data.base import ClassDataset
 from lpld_ray.method.augment import squeeze_view
 from lpld_ray.method.images import ImageSpec, normalize

@@ -9,14 +9,8 @@ from importlib import metadata
 import yaml
 
 from lpld_ray import __version__
-from lpld_ray.config import (
-    Config,
-    config_from_dict,
-    config_to_dict,
-    flatten,
-    redacted,
-    result_key_diff,
-)
+from lpld_ray.config import Config
+from lpld_ray.config_io import config_from_dict, config_to_dict, flatten, redacted, result_key_diff
 from lpld_ray.errors import LpldError
 from lpld_ray.store.layout import RUN_RECORD
 from lpld_ray.store.storage import Store
