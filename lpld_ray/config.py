@@ -111,6 +111,7 @@ class DataConfig(_Model):
     root: StrictStr = "/usr/share/datasets/fashion-mnist"
     num_classes: Int | None = Field(None, ge=2)
     train_per_class: Int | None = Field(None, ge=1)
+    test_per_class: Int | None = Field(None, ge=1)  # the first N test images of each class: a quicker, rougher top-1
     image_size: Int = Field(28, ge=8)
     # mean/std the teacher was trained with, used by squeeze, recover, relabel, the student and evaluation alike:
     # dataset = the dataset's own (Fashion-MNIST's, digits', ImageNet's for image_folder); none = raw [0, 1] pixels

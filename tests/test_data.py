@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from lpld_ray.config import DataConfig
+from lpld_ray.config_io import replace
 from lpld_ray.data.datasets import check_dataset, load_dataset
 from lpld_ray.errors import DataError
 from lpld_ray.method.images import ImageSpec, denormalize, normalize
@@ -87,6 +88,11 @@ def test_num_classes_and_train_per_class(fashion_train):
         assert torch.equal(ds.class_images(c, 50), fashion_train.class_images(c, 50))
     test = load_dataset(cfg, "test")  # train_per_class does not apply to test
     assert len(test) == 3000 and int(test.targets.max()) == 2
+    full_test = test
+    test = load_dataset(replace(cfg, test_per_class=20), "test")  # the first 20 test images of each class
+    assert torch.bincount(test.targets).tolist() == [20, 20, 20] and load_dataset(replace(cfg, test_per_class=20), "train").targets.numel() == 150
+    for c in range(3):
+        assert torch.equal(test.class_images(c, 20), full_test.class_images(c, 20))
 
 
 @needs_fashion
@@ -198,6 +204,7 @@ def test_image_folder(tmp_path):
                                     num_classes=2, train_per_class=3), "train")
     assert len(small) == 6 and small.class_names == ["a_tshirt", "b_trouser"]
     assert small.class_images(1, 3).shape == (3, 3, 16, 16)
+    assert load_dataset(replace(cfg, test_per_class=1), "test").targets.tolist() == [0, 1, 2]
 
 
 def test_image_folder_center_crop(tmp_path):

@@ -103,9 +103,10 @@ def class_rank(labels: torch.Tensor) -> torch.Tensor:
 
 
 def select_indices(labels: torch.Tensor, cfg: DataConfig, split: str, available: int) -> tuple[torch.Tensor, int]:
-    """Indices kept (in file order) after the num_classes and, for train, train_per_class limits; and N."""
+    """Indices kept (in file order) after the num_classes and the train_per_class / test_per_class limits; and N."""
     n = class_count(cfg, available)
     keep = labels < n
-    if split == "train" and cfg.train_per_class is not None:
-        keep &= class_rank(labels) < cfg.train_per_class
+    per_class = cfg.train_per_class if split == "train" else cfg.test_per_class
+    if per_class is not None:
+        keep &= class_rank(labels) < per_class
     return torch.nonzero(keep).flatten(), n
