@@ -372,6 +372,15 @@ def freeze_at_checkpoint(ray_cluster: RayCluster, train_dir: Path, every: int, a
     return worker, epoch
 
 
+def pool_items(pool, epochs: int):
+    """(image, target, its view record) of every item of a label pool, epoch after epoch."""
+    for epoch in range(epochs):
+        pool.set_epoch(epoch)
+        for i in range(len(pool)):
+            x, y = pool[i]
+            yield epoch, x, y, pool._records.view(int(pool._slot[i]))
+
+
 def wait_until(condition, timeout: float, what: str, every: float = 0.2):
     """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
     deadline = time.time() + timeout

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import pool_items
 from test_labels import (
     CLASSES,
     IPC,
@@ -70,29 +71,25 @@ def test_pool_rebuilds_the_view_the_teacher_saw_bit_for_bit(tmp_path, mix):
     pool = open_pool(store)
     assert len(pool) == IPC
     touched = 0
-    for epoch in range(cfg.epochs):
-        pool.set_epoch(epoch)
-        for i in range(len(pool)):
-            x, y = pool[i]
-            view = pool._records.view(int(pool._slot[i]))
-            assert view.view_id == epoch % int(counts[view.image_id])
-            assert torch.equal(x, seen[(view.image_id, view.view_id)])
-            assert view == sample_view(7, view.image_id, view.view_id, len(images), SIDE, cfg)
-            with torch.no_grad():
-                expect = teacher.eval()(normalize(x[None]))[0].half().float()
-            assert y.dtype == torch.float32 and torch.allclose(y, expect, atol=2e-3)
-            plain = compose_view(images[view.image_id], None, dataclasses.replace(view, mix=0), SIDE)
-            box = view.mix_box
-            if mix == "none":
-                assert view.mix == 0 and box is None and torch.equal(x, plain)
-            elif box is not None and box.height * box.width > 0:
-                region = x[:, box.top:box.top + box.height, box.left:box.left + box.width]
-                if mix == "cutout":
-                    assert torch.all(region == 0)
-                else:
-                    assert view.partner_id != view.image_id and 0 < view.lam < 1
-                    touched += int(view.partner_id // IPC != 1 and not torch.equal(x, plain))
-                touched += mix == "cutout"
+    for epoch, x, y, view in pool_items(pool, cfg.epochs):
+        assert view.view_id == epoch % int(counts[view.image_id])
+        assert torch.equal(x, seen[(view.image_id, view.view_id)])
+        assert view == sample_view(7, view.image_id, view.view_id, len(images), SIDE, cfg)
+        with torch.no_grad():
+            expect = teacher.eval()(normalize(x[None]))[0].half().float()
+        assert y.dtype == torch.float32 and torch.allclose(y, expect, atol=2e-3)
+        plain = compose_view(images[view.image_id], None, dataclasses.replace(view, mix=0), SIDE)
+        box = view.mix_box
+        if mix == "none":
+            assert view.mix == 0 and box is None and torch.equal(x, plain)
+        elif box is not None and box.height * box.width > 0:
+            region = x[:, box.top:box.top + box.height, box.left:box.left + box.width]
+            if mix == "cutout":
+                assert torch.all(region == 0)
+            else:
+                assert view.partner_id != view.image_id and 0 < view.lam < 1
+                touched += int(view.partner_id // IPC != 1 and not torch.equal(x, plain))
+            touched += mix == "cutout"
     if mix != "none":
         assert touched > 0  # some views really were mixed (cutmix: with a partner of another class)
 

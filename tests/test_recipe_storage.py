@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from conftest import pool_items
 from PIL import Image
 from test_labels import CLASSES, IPC, SIDE, make_images, relabel, tiny_teacher
 from test_pool import open_pool
@@ -84,15 +85,11 @@ def test_cutout_random_fill_is_drawn_with_the_view_and_rebuilt_by_the_pool(tmp_p
     commit_jpegs(store, images)  # the pool needs image objects; they are not compared here
     pool = open_pool(store)
     filled = 0
-    for epoch in range(rand.epochs):
-        pool.set_epoch(epoch)
-        for i in range(len(pool)):
-            x, _ = pool[i]
-            view = pool._records.view(int(pool._slot[i]))
-            assert view == sample_view(7, view.image_id, view.view_id, len(images), SIDE, rand)
-            box = view.mix_box
-            region = x[:, box.top:box.top + box.height, box.left:box.left + box.width]
-            filled += int(torch.all(region == view.fill[0] / 255.0))
+    for _, x, _, view in pool_items(pool, rand.epochs):
+        assert view == sample_view(7, view.image_id, view.view_id, len(images), SIDE, rand)
+        box = view.mix_box
+        region = x[:, box.top:box.top + box.height, box.left:box.left + box.width]
+        filled += int(torch.all(region == view.fill[0] / 255.0))
     assert filled > 0
 
 
