@@ -1,4 +1,4 @@
-"""Ray actors and tasks of the shard stages: each loads the teacher once and runs one unit of work from pipeline/."""
+"""The shard actor: loads the teacher once, then runs the units of work of pipeline/ that the driver hands it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lpld_ray.data.datasets import load_dataset
 from lpld_ray.distributed.cluster import actor_options
 from lpld_ray.method.models import build_teacher
 from lpld_ray.pipeline.shards import ClassShard
-from lpld_ray.pipeline.teacher import evaluate_given_teacher
+from lpld_ray.pipeline.teacher import top1_on_test_set
 from lpld_ray.pipeline.units import load_images, recover_shard, squeeze_partition
 from lpld_ray.store.storage import Store, storage_options
 
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 @ray.remote
 class ShardWorker:
-    """Loads the teacher once, then does the class shards the driver hands it."""
+    """Loads the teacher once, then does what the driver hands it (one job's squeeze partitions, class shards and the
+    given teacher's evaluation), stage after stage."""
 
     def __init__(self, store: Store, data: DataConfig, data_options: dict, num_classes: int, arch: str, state: bytes,
                  threads: int) -> None:
@@ -37,6 +38,14 @@ class ShardWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def squeeze(self, part: ClassDataset, batch_size: int, transform: str, seed: int, first: int):
+        """The class-wise BN sums of one data partition (which starts at dataset index ``first``)."""
+        return squeeze_partition(self.teacher, part, batch_size, transform, seed, first)
+
+    def evaluate_teacher(self, batch_size: int) -> float:
+        """The given teacher's top-1 on the real test set."""
+        return top1_on_test_set(self.teacher, load_dataset(self.data, "test", self.data_options), batch_size)
 
     def recover(self, shard: ClassShard, cfg: RecoverConfig, seed: int, inputs: str, rded: RdedConfig | None = None
                 ) -> dict:
@@ -59,21 +68,6 @@ class ShardWorker:
         task = RelabelTask(shard.name, tuple(ids), tuple(views), cfg, seed, num_classes, inputs)
         images = load_images(self.store, ipc, task.images_needed(), shards)
         return relabel_shard(self.store, self.teacher, lambda x: normalize(x, self.spec), images, task, self.device)
-
-
-@ray.remote
-def squeeze_task(part: ClassDataset, arch: str, state: bytes, batch_size: int, threads: int,
-                 transform: str = "center", seed: int = 0, first: int = 0):
-    torch.set_num_threads(threads)
-    teacher = build_teacher(arch, state, part.num_classes, part.spec.channels, part.spec.size)
-    return squeeze_partition(teacher, part, batch_size, transform, seed, first)
-
-
-@ray.remote
-def evaluate_teacher_task(data: DataConfig, data_options: dict, arch: str, state: bytes, batch_size: int,
-                          threads: int) -> float:
-    torch.set_num_threads(threads)
-    return evaluate_given_teacher(data, data_options, arch, state, batch_size)
 
 
 def shard_worker(cfg: Config, store: Store, state_ref: ray.ObjectRef, num_classes: int) -> Any:

@@ -12,23 +12,13 @@ import ray
 
 from lpld_ray.config import Config
 from lpld_ray.data.datasets import class_names, load_dataset
-from lpld_ray.distributed.actors import (
-    data_options,
-    evaluate_teacher_task,
-    shard_worker,
-    squeeze_task,
-)
-from lpld_ray.distributed.cluster import (
-    actor_options,
-    cluster_resources,
-    get_or_raise,
-    init_ray,
-)
-from lpld_ray.distributed.shard_queue import run_shard_queue
+from lpld_ray.distributed.actors import data_options, shard_worker
+from lpld_ray.distributed.cluster import actor_count, init_ray
+from lpld_ray.distributed.shard_queue import ActorPool, run_shard_queue
 from lpld_ray.distributed.train import TrainerSpec, train_once
 from lpld_ray.method.squeeze import reduce_in_order
 from lpld_ray.pipeline.labels import current_labels
-from lpld_ray.pipeline.plan import require_verified, workers_that_fit
+from lpld_ray.pipeline.plan import require_verified
 from lpld_ray.pipeline.plots import training_histories
 from lpld_ray.pipeline.progress import Progress
 from lpld_ray.pipeline.report import build_report, human_summary, write_report
@@ -69,19 +59,22 @@ log = logging.getLogger(__name__)
 
 
 
-def run_teacher(cfg: Config, store: Store, state_ref: ray.ObjectRef | None, teacher_sha: str) -> dict:
+def run_teacher(ctx: StageRun) -> dict:
     """Train the teacher with Ray Train unless a verified one exists; given weights are evaluated on the test set."""
+    cfg, store = ctx.cfg, ctx.store
     if cfg.teacher.weights:
-        given = current_shard(store, TEACHER_STAGE, GIVEN_SHARD, teacher_sha)
+        given = current_shard(store, TEACHER_STAGE, GIVEN_SHARD, ctx.teacher_sha)
         if given is None:
-            task = evaluate_teacher_task.options(**actor_options(cfg.runner))
-            top1 = get_or_raise(task.remote(cfg.data, data_options(cfg), cfg.teacher.arch, state_ref,
-                                            cfg.teacher.batch_size, cfg.runner.cpus_per_worker))
-            commit_given_teacher(store, top1, teacher_sha, cfg.seed)
+            (actor,) = ctx.pool.take(1)
+            top1 = ctx.pool.call(0, lambda a: a.evaluate_teacher.remote(cfg.teacher.batch_size),
+                                 actor.evaluate_teacher.remote(cfg.teacher.batch_size), cfg.runner.max_shard_retries,
+                                 "teacher evaluation")
+            commit_given_teacher(store, top1, ctx.teacher_sha, cfg.seed)
         else:
             top1 = given.meta["test_top1"]
         log.info("teacher: given weights %s, test top-1 %.4f", cfg.teacher.weights, top1)
         return {"test_top1": top1, "given": True}
+    ctx.pool.release()  # Ray Train's workers need the CPUs
     job = TeacherJob(cfg.data, cfg.teacher, store, cfg.seed, data_options(cfg))
     spec = TrainerSpec.of(cfg.teacher, run_key=job.run_key)  # same data, seed and schedule: resume its checkpoints
     manifest = train_once(store, TEACHER_STAGE, TEACHER_SHARD, job, spec)
@@ -90,26 +83,32 @@ def run_teacher(cfg: Config, store: Store, state_ref: ray.ObjectRef | None, teac
 
 
 def run_squeeze(ctx: StageRun) -> dict:
-    """Per-class BN sums over data partitions (Ray tasks), reduced and committed per class shard."""
-    cfg, store, shards, state_ref, teacher_sha = ctx.cfg, ctx.store, ctx.shards, ctx.state_ref, ctx.teacher_sha
+    """Per-class BN sums over data partitions (on the shard actors), reduced and committed per class shard."""
+    cfg, store, shards = ctx.cfg, ctx.store, ctx.shards
     names = [s.name for s in shards] + [GLOBAL_SHARD]
-    missing = [n for n in names if current_shard(store, STATS_STAGE, n, teacher_sha) is None]
+    missing = [n for n in names if current_shard(store, STATS_STAGE, n, ctx.teacher_sha) is None]
     if not missing:
         log.info("squeeze: all %d stats shards verified; skipping", len(names))
         return {"shards_written": 0}
-    parts = cfg.squeeze.partitions
-    window = 2 * workers_that_fit(cfg.runner, 0, cluster_resources()[1])  # partition sums in flight: what the object store holds of them; the driver holds two
+    parts, squeeze = cfg.squeeze.partitions, cfg.squeeze
+    actors = ctx.pool.take(actor_count(cfg.runner, parts))
+    window = 2 * len(actors)  # partition sums in flight: what the object store holds of them; the driver holds two
+    train_set = load_dataset(cfg.data, "train", data_options(cfg))  # listed once here; each actor gets its slice
 
-    train_set = load_dataset(cfg.data, "train", data_options(cfg))  # listed once here; each task gets its slice
+    def submit(p: int) -> tuple:
+        def call(actor):
+            return actor.squeeze.remote(data_partition(train_set, p, parts), squeeze.batch_size, squeeze.transform,
+                                        cfg.seed, partition_start(len(train_set), p, parts))
 
-    def submit(p: int) -> ray.ObjectRef:
-        return squeeze_task.options(num_cpus=cfg.runner.cpus_per_worker).remote(
-            data_partition(train_set, p, parts), cfg.teacher.arch, state_ref, cfg.squeeze.batch_size,
-            cfg.runner.cpus_per_worker, cfg.squeeze.transform, cfg.seed, partition_start(len(train_set), p, parts))
+        slot = p % len(actors)
+        return slot, call, call(ctx.pool.actors[slot])
+
+    def get(submitted: tuple):
+        return ctx.pool.call(*submitted, cfg.runner.max_shard_retries, "a squeeze partition")
 
     progress = Progress("squeeze", parts, cfg.runner.progress_every_s)
-    total = reduce_in_order(submit, parts, window, get_or_raise, progress.advance)
-    written = write_stats(store, total, shards, cfg.seed, teacher_sha)
+    total = reduce_in_order(submit, parts, window, get, progress.advance)
+    written = write_stats(store, total, shards, cfg.seed, ctx.teacher_sha)
     log.info("squeeze: committed %d stats shards (%d were missing)", written, len(missing))
     return {"shards_written": written}
 
@@ -124,7 +123,7 @@ def run_recover(ctx: StageRun) -> dict:
         run_shard_queue(
             "recover",
             pending,
-            lambda: shard_worker(cfg, store, ctx.state_ref, ctx.num_classes),
+            ctx.pool,
             lambda actor, shard: actor.recover.remote(shard, cfg.recover, cfg.seed, inputs[shard.name], cfg.rded),
             cfg.runner,
         )
@@ -143,15 +142,17 @@ def run_relabel(ctx: StageRun) -> dict:
         run_shard_queue(
             "relabel",
             pending,
-            lambda: shard_worker(cfg, store, ctx.state_ref, num_classes),
+            ctx.pool,
             lambda actor, shard: actor.relabel.remote(shard, shards, cfg.relabel, cfg.recover.ipc, num_classes, cfg.seed, inputs),
             cfg.runner,
         )
     return {"shards_done": len(pending)}
 
 
-def run_train(cfg: Config, store: Store, shards: list[ClassShard]) -> dict:
+def run_train(ctx: StageRun) -> dict:
     """Student training with Ray Train; re-running resumes from the last checkpoint under <run>/train/."""
+    cfg, store, shards = ctx.cfg, ctx.store, ctx.shards
+    ctx.pool.release()  # Ray Train's workers need the CPUs
     names = [s.name for s in shards]
     require_verified(store, LABELS_STAGE, names, "train", "relabel")  # never train on a truncated or altered object
     require_verified(store, IMAGES_STAGE, names, "train", "recover")
@@ -193,6 +194,10 @@ class StageRun:
     summary: dict[str, dict] = field(default_factory=dict)
     state_ref: ray.ObjectRef | None = None  # the teacher's state dict bytes, in the object store once
     teacher_sha: str = ""
+    pool: ActorPool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pool = ActorPool(lambda: shard_worker(self.cfg, self.store, self.state_ref, self.num_classes))
 
     def load_teacher(self) -> None:
         """Put the teacher's weights into the object store (once per run)."""
@@ -204,11 +209,11 @@ class StageRun:
 
 # the driver function of every stage of lpld_ray.pipeline.stages.STAGES (a test checks the names match)
 RUNNERS: dict[str, Callable[[StageRun], dict]] = {
-    "teacher": lambda ctx: run_teacher(ctx.cfg, ctx.store, ctx.state_ref, ctx.teacher_sha),
+    "teacher": run_teacher,
     "squeeze": run_squeeze,
     "recover": run_recover,
     "relabel": run_relabel,
-    "train": lambda ctx: run_train(ctx.cfg, ctx.store, ctx.shards),
+    "train": run_train,
     "report": run_report,
 }
 
@@ -217,13 +222,16 @@ def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int)
     """Run the asked stages in table order; each does only the work whose shards do not verify."""
     ctx = StageRun(cfg, store, plan_class_shards(num_classes, cfg.runner.class_shard_size), num_classes)
     init_ray()
-    for stage in STAGES:
-        if stage.name not in stages:
-            continue
-        started = time.time()
-        if stage.needs_teacher(cfg):
-            ctx.load_teacher()
-        ctx.summary[stage.name] = RUNNERS[stage.name](ctx)
-        ctx.summary[stage.name]["wall_seconds"] = round(time.time() - started, 2)
-        log.info("%s: done in %.1fs", stage.name, ctx.summary[stage.name]["wall_seconds"])
+    try:
+        for stage in STAGES:
+            if stage.name not in stages:
+                continue
+            started = time.time()
+            if stage.needs_teacher(cfg):
+                ctx.load_teacher()
+            ctx.summary[stage.name] = RUNNERS[stage.name](ctx)
+            ctx.summary[stage.name]["wall_seconds"] = round(time.time() - started, 2)
+            log.info("%s: done in %.1fs", stage.name, ctx.summary[stage.name]["wall_seconds"])
+    finally:
+        ctx.pool.release()
     return ctx.summary

@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable, Mapping
 
 import torch
-import torchvision
 from torch import nn
 
 from lpld_ray.config import ARCHS
@@ -48,6 +47,8 @@ def build_model(arch: str, num_classes: int, in_channels: int, image_size: int) 
         if image_size < 8:
             raise ModelError(f"convnet needs images of at least 8 px, got {image_size}")
         return ConvNet(num_classes, in_channels, image_size)
+    import torchvision  # here, not at the top: importing it costs every process ~3 s (it imports torch._dynamo)
+
     if arch == "resnet50":
         return _with_in_channels(torchvision.models.resnet50(weights=None, num_classes=num_classes), in_channels)
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
@@ -58,7 +59,7 @@ def build_model(arch: str, num_classes: int, in_channels: int, image_size: int) 
     return _with_in_channels(model, in_channels)
 
 
-def _with_in_channels(model: torchvision.models.ResNet, in_channels: int) -> torchvision.models.ResNet:
+def _with_in_channels(model: nn.Module, in_channels: int) -> nn.Module:
     """Replace a torchvision ResNet's stem conv when the input is not RGB (same shape otherwise)."""
     if in_channels != 3:
         old = model.conv1
@@ -185,8 +186,10 @@ def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor], uri: str) -
 
 
 def build_teacher(arch: str, state: bytes, num_classes: int, channels: int, size: int) -> nn.Module:
-    """The teacher from its state dict bytes, in eval mode, on the GPU when there is one."""
+    """The teacher from its state dict bytes, in eval mode, channels-last (~25% faster convolutions on CPU and GPU; one
+    layout for every stage, so that an actor's results do not depend on what it ran before), on the GPU when there is
+    one."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(arch, num_classes, channels, size)
     load_weights_bytes(model, state, source="teacher")
-    return model.to(device).eval()
+    return model.to(device, memory_format=torch.channels_last).eval()

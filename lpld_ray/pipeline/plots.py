@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import io
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from lpld_ray.pipeline.history import read_history
 from lpld_ray.pipeline.student import STUDENT_SHARD
 from lpld_ray.pipeline.teacher import TEACHER_SHARD
@@ -28,6 +25,9 @@ def training_histories(store: Store, teacher_given: bool) -> dict[str, list[dict
 
 def training_curve_png(histories: dict[str, list[dict]]) -> bytes:
     """PNG bytes of two panels, training loss and test top-1 (%) against epoch, one line per model."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: only the report stage draws
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(10, 4), dpi=CURVE_DPI, layout="constrained")
     FigureCanvasAgg(fig)  # the Agg canvas, without pyplot's global state
     loss_ax, top1_ax = fig.subplots(1, 2)

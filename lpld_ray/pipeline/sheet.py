@@ -7,7 +7,6 @@ import io
 import os
 from functools import lru_cache
 
-import matplotlib
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -26,7 +25,6 @@ PADDING_PX = 2
 LABEL_FONT_PX = 18
 LABEL_MARGIN_PX = 8
 LABEL_MAX_CHARS = 28  # longer class names are cut with an ellipsis
-FONT_FILE = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
 
 
 def sheet_objects(store: Store, shards: list[ClassShard], max_classes: int, per_class: int) -> list[tuple[str, str]]:
@@ -61,8 +59,11 @@ def thumbnail(image: torch.Tensor, side: int) -> Image.Image:
 @lru_cache(maxsize=4)
 def label_font(size: int = LABEL_FONT_PX) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """DejaVu Sans (shipped with matplotlib) at ``size`` px; Pillow's own font when that file is absent."""
-    if os.path.exists(FONT_FILE):
-        return ImageFont.truetype(FONT_FILE, size)
+    import matplotlib  # here: the shard actors import this module, and need no font
+
+    font_file = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+    if os.path.exists(font_file):
+        return ImageFont.truetype(font_file, size)
     return ImageFont.load_default(size)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lpld_ray.config import DataConfig, TeacherConfig
+from lpld_ray.data.base import ClassDataset
 from lpld_ray.data.datasets import load_dataset
 from lpld_ray.errors import LpldError
 from lpld_ray.method.models import build_model, build_teacher, save_weights_bytes
@@ -117,9 +118,13 @@ def evaluate_given_teacher(data: DataConfig, data_options: dict | None, arch: st
     """Test top-1 of given teacher weights on the real test set, on the GPU when there is one."""
     test_set = load_dataset(data, "test", data_options)
     spec = test_set.spec
-    model = build_teacher(arch, state, test_set.num_classes, spec.channels, spec.size)
+    return top1_on_test_set(build_teacher(arch, state, test_set.num_classes, spec.channels, spec.size), test_set, batch_size)
+
+
+def top1_on_test_set(model: nn.Module, test_set: ClassDataset, batch_size: int) -> float:
+    """Top-1 of ``model`` on ``test_set``, on the model's device."""
     device = next(model.parameters()).device
-    return evaluate(model, DataLoader(test_set, batch_size=batch_size), spec, device)
+    return evaluate(model, DataLoader(test_set, batch_size=batch_size), test_set.spec, device)
 
 
 def commit_given_teacher(store: Store, test_top1: float, weights_sha: str, seed: int) -> None:
