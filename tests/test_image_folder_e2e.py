@@ -69,7 +69,7 @@ def folder_teacher(fashion_tree, tmp_path_factory) -> tuple[Path, float]:
 
 
 def tree_on_s3(moto_s3, tree, tmp_path, preset: str) -> tuple[str, str]:
-    """The tree copied to a moto bucket, and the preset with a storage: section that reaches it."""
+    """The tree copied to a moto bucket (under fashion/), and the preset with a storage: section that reaches it."""
     root = f"s3://{moto_s3.make_bucket()}/fashion"
     remote = Store(root, moto_s3.options())
     for path in sorted(tree.rglob("*.png")):
@@ -81,30 +81,33 @@ def tree_on_s3(moto_s3, tree, tmp_path, preset: str) -> tuple[str, str]:
     return root, str(path)
 
 
-# The 21K-P preset (Cutout relabel, no flip) with its tree read from object storage by every stage, and two Ray Train
-# workers (DDP), each reading only the label shards the shard sampler gives it.
+# The 21K-P preset (Cutout relabel, no flip) with its tree read from object storage by every stage, the run itself on
+# object storage too (Ray Train's checkpoints included), and two Ray Train workers (DDP), each reading only the label
+# shards the shard sampler gives it.
 PRESET = "imagenet21kp_rn18"
 EXTRA = ["train.arch=resnet18_small", "train.num_workers=2", "train.sampler=shard"]
 
 
 def test_resnet_preset_runs_every_stage_on_an_image_folder_on_s3(ray_cluster, moto_s3, fashion_tree, folder_teacher,
                                                                  tmp_path):
-    run_dir = tmp_path / PRESET
     root, config = tree_on_s3(moto_s3, fashion_tree, tmp_path, PRESET)
+    run_dir = root.replace("/fashion", f"/{PRESET}")
     weights, teacher_top1 = folder_teacher
     args = ["--config", config, "--run-dir", str(run_dir)]
     for item in [f"data.root={root}", f"teacher.weights={weights}", *SMALL, *EXTRA]:
         args += ["--set", item]
     out, summary = submit_ok(ray_cluster, args)
     assert moto_s3.secret_key not in out
-    store = Store(str(run_dir))
+    store = Store(run_dir, moto_s3.options())
     assert verify_shard(store, "teacher", "given") is not None
     for stage in ("stats", "images", "labels", "train"):
         for shard in list_shards(store, stage):
             assert verify_shard(store, stage, shard) is not None, (stage, shard)
     assert len(list_shards(store, "images")) == 2  # 3 classes in shards of 2
     assert summary["recover"]["shards_done"] == summary["relabel"]["shards_done"] == 2
-    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert store.list("train/model") == ["_MANIFEST.json", "history.json", "student.pt"]
+    assert [c for c in store.list("train") if "/checkpoint_" in c]  # Ray Train's, on S3
+    report = json.loads(store.read_text("report/report.json"))
     assert report["ipc"] == 2 and report["label_records"] == CLASSES * 2 * 6 // 2
     assert report["label_bytes_logits"] == report["label_records"] * CLASSES * 2  # fp16 over the classes in use
     # the given weights scored on the val split as here, in this process; the student's score is of those 60 images
