@@ -25,7 +25,7 @@ from lpld_ray.config_errors import (
 )
 
 # One list per choice: the Literal type validates, the tuple is what other modules import.
-Arch = Literal["convnet", "resnet18", "resnet18_small", "resnet50"]
+Arch = Literal["convnet", "convnet_w64", "resnet18", "resnet18_small", "resnet50"]
 Batching = Literal["class_wise", "across_classes"]
 Dataset = Literal["fashion_mnist", "digits", "image_folder"]
 MixMode = Literal["none", "cutmix", "cutout"]

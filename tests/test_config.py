@@ -227,7 +227,7 @@ def test_one_arch_list():
     from lpld_ray.method import models
 
     assert models.ARCHS is ARCHS
-    assert ARCHS == ("convnet", "resnet18", "resnet18_small", "resnet50")
+    assert ARCHS == ("convnet", "convnet_w64", "resnet18", "resnet18_small", "resnet50")
     for arch in ARCHS:
         assert load_config(None, [f"train.arch={arch}"]).train.arch == arch
 

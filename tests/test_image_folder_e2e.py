@@ -57,7 +57,7 @@ def folder_teacher(fashion_tree, tmp_path_factory) -> tuple[Path, float]:
     model = build_model(TEACHER_ARCH, CLASSES, 3, SIDE)
     loader = torch.utils.data.DataLoader(train_set, batch_size=30, shuffle=True, drop_last=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    epochs = 2
+    epochs = 1  # its accuracy is not asserted, only that the run scores it as this process does
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=epochs * len(loader))
     cpu = torch.device("cpu")
     for _ in range(epochs):

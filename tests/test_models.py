@@ -81,7 +81,7 @@ def _bytes(obj: object) -> bytes:
 def test_unknown_arch():
     with pytest.raises(ModelError) as err:
         build_model("vgg11", 10, 3, 32)
-    assert str(err.value) == "unknown model arch 'vgg11': choose one of convnet, resnet18, resnet18_small, resnet50"
+    assert str(err.value) == "unknown model arch 'vgg11': choose one of convnet, convnet_w64, resnet18, resnet18_small, resnet50"
     for arch in ARCHS:  # every arch the message offers builds, for the classes asked
         with torch.no_grad():
             assert build_model(arch, 3, 3, 32).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 3), arch
@@ -248,3 +248,11 @@ def test_given_teacher_weights_are_evaluated_and_recorded(tmp_path):
     commit_given_teacher(store, top1, "ab" * 32, seed=0)
     assert recorded_teacher_top1(store, weights_given=True) == top1
     assert recorded_teacher_top1(store, weights_given=False) is None  # no teacher was trained in this run
+
+
+def test_convnet_w64_is_the_convnet_at_half_the_width():
+    """ConvNetW64 (the Fashion-MNIST preset's teacher): the same layers as the ConvNet, 64 channels instead of 128."""
+    narrow, wide = build_model("convnet_w64", 10, 1, 28), build_model("convnet", 10, 1, 28)
+    assert [type(m) for m in narrow.modules()] == [type(m) for m in wide.modules()]
+    assert {m.out_channels for m in narrow.modules() if isinstance(m, torch.nn.Conv2d)} == {64}
+    assert narrow(torch.zeros(2, 1, 28, 28)).shape == (2, 10)

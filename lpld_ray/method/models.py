@@ -1,4 +1,4 @@
-"""Model registry (ConvNet for small images, torchvision ResNets) and teacher weight loading."""
+"""Model registry (ConvNets for small images, torchvision ResNets) and teacher weight loading."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from lpld_ray.errors import ModelError, StorageError
 log = logging.getLogger(__name__)
 
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
+CONVNET_WIDTHS = {"convnet": 128, "convnet_w64": 64}  # the DC benchmark's ConvNet and its ConvNetW64
 
 
 class ConvNet(nn.Module):
@@ -43,10 +44,10 @@ def build_model(arch: str, num_classes: int, in_channels: int, image_size: int) 
     if num_classes < 1 or in_channels < 1:
         raise ModelError(f"model '{arch}' needs num_classes >= 1 and in_channels >= 1, "
                          f"got {num_classes} and {in_channels}")
-    if arch == "convnet":
+    if arch in CONVNET_WIDTHS:
         if image_size < 8:
-            raise ModelError(f"convnet needs images of at least 8 px, got {image_size}")
-        return ConvNet(num_classes, in_channels, image_size)
+            raise ModelError(f"{arch} needs images of at least 8 px, got {image_size}")
+        return ConvNet(num_classes, in_channels, image_size, width=CONVNET_WIDTHS[arch])
     import torchvision  # here, not at the top: importing it costs every process ~3 s (it imports torch._dynamo)
 
     if arch == "resnet50":
