@@ -33,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ipc", nargs="+", type=int, default=[10, 50])
     p.add_argument("--compression", nargs="+", type=float, default=[1, 10, 40])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--stats-from", help="a finished run with the same teacher and data: copy its squeeze stats")
+    p.add_argument("--stats-from", help="a finished run with the same teacher, data and class shards: copy its squeeze stats (lpld, cwb)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     return p.parse_args()
 
@@ -45,7 +45,7 @@ def run_cell(args: argparse.Namespace, method: str, ipc: int, k: float, seed: in
     overrides = [*METHODS[method], f"recover.ipc={ipc}", f"relabel.compression={k}", f"seed={seed}",
                  f"teacher.weights={args.teacher}", *args.overrides]
     stages = "recover,relabel,train,report" if method in ("real", "rded") else "squeeze,recover,relabel,train,report"
-    if args.stats_from and method == "lpld":  # stats depend only on the teacher, the data and the shard size
+    if args.stats_from and method in ("lpld", "cwb"):  # stats depend only on the teacher, the data and the shard size
         copy_stage(Store(args.stats_from), Store(run_dir), "stats")
     if images_from and not Path(run_dir, "report", "report.json").exists():
         copy_stage(Store(images_from), Store(run_dir), "images")
