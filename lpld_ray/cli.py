@@ -138,9 +138,11 @@ def show_plan(args: argparse.Namespace) -> None:
     for line in plan_lines(cfg, shape, planned_actors(cfg.runner)):
         log.info("plan: %s", line)
     if os.environ.get("RAY_ADDRESS"):
-        check_fits(cfg, shape, stages, node_memory(node_resources()), args.run_dir)
+        nodes = node_resources()
+        check_fits(cfg, shape, stages, node_memory(nodes), args.run_dir, gpus=any(n.get("GPU") for n in nodes))
     else:
-        check_fits(cfg, shape, stages, local_memory(), args.run_dir, "this machine (RAY_ADDRESS plans for a cluster)")
+        check_fits(cfg, shape, stages, local_memory(), args.run_dir, "this machine (RAY_ADDRESS plans for a cluster)",
+                   gpus=torch.cuda.is_available())
     log.info("plan: the asked stages fit (memory per worker, disk at the run directory)")
 
 
@@ -150,7 +152,7 @@ def check_cluster(cfg: Config, stages: list[str], shape: DatasetShape, run_dir: 
     gpus = any(node.get("GPU") for node in node_resources())
     wait_for_resources(lambda nodes: check_resources(cfg, stages, nodes), node_resources,
                        cfg.runner.resource_wait_s, wanted_bundles(cfg, stages, gpus))
-    check_fits(cfg, shape, stages, node_memory(node_resources()), run_dir)
+    check_fits(cfg, shape, stages, node_memory(node_resources()), run_dir, gpus=gpus)
 
 
 def interrupt_on(signum: int):

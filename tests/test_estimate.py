@@ -114,3 +114,36 @@ def test_plan_on_full_presets_runs_nothing(preset, tmp_path, cli, caplog):
         assert code == 2 and len(errors) == 1, errors
         assert "of memory of this machine (RAY_ADDRESS plans for a cluster)" in errors[0]
     assert not run.exists()
+
+
+def test_disk_check_counts_only_what_a_resumed_run_still_writes(tmp_path):
+    """The images a run already holds are not counted again: the same free space refused before is enough after."""
+    from lpld_ray.errors import LpldError
+    from lpld_ray.pipeline.estimate import DatasetShape, image_bytes
+    from lpld_ray.pipeline.fits import check_disk
+
+    cfg = load_config("jobs/configs/fashion_mnist.yaml")
+    shape = DatasetShape(10, 1, 28, 60000)
+    need = image_bytes(10 * cfg.recover.ipc, 1, 28)
+    run = tmp_path / "run"
+    with pytest.raises(LpldError, match=r"this run would store ~.* \(images ~"):
+        check_disk(cfg, shape, ["recover"], need // 2, str(run))
+    (run / "images" / "shard-00000").mkdir(parents=True)
+    (run / "images" / "shard-00000" / "00000_0000.png").write_bytes(b"x" * (need - need // 4))
+    check_disk(cfg, shape, ["recover"], need // 2, str(run))  # a quarter is left to write
+
+
+def test_gpu_workers_memory_is_not_compared_with_host_memory(caplog):
+    """On GPUs a worker's peak is GPU memory: not refused against the host's (Ray does not report GPU memory)."""
+    import logging
+
+    from lpld_ray.errors import LpldError
+    from lpld_ray.pipeline.fits import check_fits
+
+    cfg = load_config("jobs/configs/imagenet1k_rn18.yaml")
+    shape = dataset_shape(cfg.data)
+    with pytest.raises(LpldError, match="recover needs ~"):
+        check_fits(cfg, shape, ["recover"], 1 << 30, "s3://bucket/run")
+    with caplog.at_level(logging.INFO):
+        check_fits(cfg, shape, ["recover"], 1 << 30, "s3://bucket/run", gpus=True)
+    assert "memory per worker not checked: on GPUs it is GPU memory" in caplog.text

@@ -4,6 +4,7 @@ fit is refused: the estimates leave out allocator overhead, so a refusal is neve
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +13,9 @@ from lpld_ray.config import Config
 from lpld_ray.config_io import replace
 from lpld_ray.errors import LpldError
 from lpld_ray.pipeline.estimate import DatasetShape, human, image_bytes, label_bytes, loader_memory, peak_memory
+from lpld_ray.store.layout import IMAGES_STAGE, LABELS_STAGE
+
+log = logging.getLogger(__name__)
 
 
 def local_memory() -> int:
@@ -75,15 +79,25 @@ def check_memory(cfg: Config, shape: DatasetShape, stages: list[str], memory: in
                             "recover.ipc, train.batch_size or train.image_cache_mb)")
 
 
+def stored_bytes(run_dir: str, folder: str) -> int:
+    """Bytes already under ``folder`` of a local run directory (0 when there is none): a resumed run writes only the
+    rest, and a stage's redone shard replaces its own objects."""
+    root = Path(run_dir.removeprefix("file://")).expanduser().absolute() / folder
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+
+
 def check_disk(cfg: Config, shape: DatasetShape, stages: list[str], free: int | None, where: str) -> None:
-    """What the asked stages store (images at recover, labels at relabel) fits the ``free`` bytes at ``where``."""
+    """What the asked stages still have to store (images at recover, labels at relabel, less what the run directory
+    already holds of each) fits the ``free`` bytes at ``where``."""
     if free is None:
         return
     images = shape.num_classes * cfg.recover.ipc
-    parts = {"images": image_bytes(images, shape.channels, shape.size) if "recover" in stages else 0,
+    parts = {"images": image_bytes(images, shape.channels, shape.size) - stored_bytes(where, IMAGES_STAGE)
+             if "recover" in stages else 0,
              f"labels at {cfg.relabel.compression:g}x": label_bytes(images, cfg.relabel.epochs,
                                                                    cfg.relabel.compression, shape.num_classes)
-             if "relabel" in stages else 0}
+             - stored_bytes(where, LABELS_STAGE) if "relabel" in stages else 0}
+    parts = {name: max(0, size) for name, size in parts.items()}
     need = sum(parts.values())
     if need > free:
         detail = ", ".join(f"{name} ~{human(size)}" for name, size in parts.items() if size)
@@ -93,8 +107,12 @@ def check_disk(cfg: Config, shape: DatasetShape, stages: list[str], free: int | 
 
 
 def check_fits(cfg: Config, shape: DatasetShape, stages: list[str], memory: int, run_dir: str,
-               machine: str = LARGEST_NODE) -> None:
+               machine: str = LARGEST_NODE, gpus: bool = False) -> None:
     """Memory per worker (``memory`` bytes of ``machine``), then disk: one line naming what does not fit and what
-    would."""
-    check_memory(cfg, shape, stages, memory, machine)
+    would. With ``gpus`` the workers' peaks are GPU memory, which Ray does not report: not checked, said so."""
+    if gpus:
+        log.info("memory per worker not checked: on GPUs it is GPU memory, which Ray does not report (--plan "
+                 "estimates it)")
+    else:
+        check_memory(cfg, shape, stages, memory, machine)
     check_disk(cfg, shape, stages, free_disk(run_dir), run_dir)
