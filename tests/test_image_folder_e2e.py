@@ -52,7 +52,9 @@ def fashion_tree(tmp_path_factory):
 def folder_teacher(fashion_tree, tmp_path_factory) -> tuple[Path, float]:
     """A small ResNet teacher trained on the tree's train split in this process; (weights file, its val top-1)."""
     torch.manual_seed(0)
-    data = DataConfig(name="image_folder", root=str(fashion_tree), num_classes=CLASSES, image_size=SIDE)
+    preset = yaml.safe_load((REPO / f"jobs/configs/{PRESET}.yaml").read_text())["data"]
+    data = DataConfig(name="image_folder", root=str(fashion_tree), num_classes=CLASSES, image_size=SIDE,
+                      normalization=preset["normalization"], eval_resize=preset["eval_resize"])  # as the run sees them
     train_set, val_set = load_dataset(data, "train"), load_dataset(data, "test")
     model = build_model(TEACHER_ARCH, CLASSES, 3, SIDE)
     loader = torch.utils.data.DataLoader(train_set, batch_size=30, shuffle=True, drop_last=True)
