@@ -200,3 +200,28 @@ def test_starting_over_deletes_what_the_run_wrote_and_nothing_else(tmp_path):
     assert start_over(store) == 6 + 2 + 3 + 1  # 4 images + 2 manifests, teacher object + manifest, 3 others, run.yaml
     left = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     assert left == sorted(mine)
+
+
+def test_actor_pool_keeps_its_actors_and_redoes_a_call_whose_actor_died(monkeypatch):
+    """The pool starts actors only when more are asked for; a call whose actor died is made again on a new one in the
+    same slot, at most max_shard_retries times (the actors and Ray itself are stand-ins here)."""
+    import ray.exceptions
+
+    from lpld_ray.distributed import shard_queue
+
+    started = []
+    pool = shard_queue.ActorPool(lambda: started.append(f"actor-{len(started)}") or started[-1])
+    assert pool.take(2) == ["actor-0", "actor-1"] and pool.take(1) == ["actor-0"] and len(started) == 2
+    dead = {"actor-1"}
+
+    def answer(ref):  # the result of a call: refs name the actor that was called
+        if ref in dead:
+            raise ray.exceptions.RayActorError()
+        return f"done by {ref}"
+
+    monkeypatch.setattr(shard_queue, "get_or_raise", answer)
+    assert pool.run(1, lambda actor: actor, retries=2, what="a squeeze partition") == "done by actor-2"
+    assert pool.actors == ["actor-0", "actor-2"]
+    dead.update({"actor-2", "actor-3"})
+    with pytest.raises(ShardLost, match="a squeeze partition lost its worker 2 times"):
+        pool.run(1, lambda actor: actor, retries=1, what="a squeeze partition")

@@ -65,10 +65,9 @@ def run_teacher(ctx: StageRun) -> dict:
     if cfg.teacher.weights:
         given = current_shard(store, TEACHER_STAGE, GIVEN_SHARD, ctx.teacher_sha)
         if given is None:
-            (actor,) = ctx.pool.take(1)
-            top1 = ctx.pool.call(0, lambda a: a.evaluate_teacher.remote(cfg.teacher.batch_size),
-                                 actor.evaluate_teacher.remote(cfg.teacher.batch_size), cfg.runner.max_shard_retries,
-                                 "teacher evaluation")
+            ctx.pool.take(1)
+            top1 = ctx.pool.run(0, lambda actor: actor.evaluate_teacher.remote(cfg.teacher.batch_size),
+                                cfg.runner.max_shard_retries, "the given teacher's evaluation")
             commit_given_teacher(store, top1, ctx.teacher_sha, cfg.seed)
         else:
             top1 = given.meta["test_top1"]
@@ -104,7 +103,7 @@ def run_squeeze(ctx: StageRun) -> dict:
         return slot, call, call(ctx.pool.actors[slot])
 
     def get(submitted: tuple):
-        return ctx.pool.call(*submitted, cfg.runner.max_shard_retries, "a squeeze partition")
+        return ctx.pool.result(*submitted, cfg.runner.max_shard_retries, "a squeeze partition")
 
     progress = Progress("squeeze", parts, cfg.runner.progress_every_s)
     total = reduce_in_order(submit, parts, window, get, progress.advance)

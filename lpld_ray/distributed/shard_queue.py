@@ -38,9 +38,13 @@ class ActorPool:
         self.actors[slot] = self._make_actor()
         return self.actors[slot]
 
-    def call(self, slot: int, call: Call, first: ray.ObjectRef, retries: int, what: str) -> Any:
-        """The result of ``first`` (``call`` on the actor of ``slot``); when that actor dies, ``call`` again on a new
-        one, at most ``retries`` times."""
+    def run(self, slot: int, call: Call, retries: int, what: str) -> Any:
+        """``call`` on the actor of ``slot``, and its result (see result)."""
+        return self.result(slot, call, call(self.actors[slot]), retries, what)
+
+    def result(self, slot: int, call: Call, first: ray.ObjectRef, retries: int, what: str) -> Any:
+        """The result of ``first`` (``call`` made on the actor of ``slot``); when that actor dies, ``call`` again on a
+        new one, at most ``retries`` times."""
         ref = first
         for attempt in range(retries + 1):
             try:
