@@ -69,6 +69,26 @@ def markdown(rows: list[dict]) -> str:
     )
 
 
+def by_seeds(out: str) -> str:
+    """Every finished cell under ``out`` (this run's and earlier ones'), one row per method, IPC and k: the student
+    top-1 of each seed, their mean and their spread (max - min)."""
+    cells: dict[tuple, dict[int, float]] = {}
+    for path in sorted(Path(out).glob("*/report/report.json")):
+        report = json.loads(path.read_text())
+        if report.get("student_top1") is None:
+            continue
+        method = path.parents[1].name.split("_ipc")[0]
+        cells.setdefault((method, report["ipc"], report["compression"]), {})[report["seed"]] = report["student_top1"]
+    head = "| method | IPC | k | top-1 by seed | mean | spread |\n|---|---|---|---|---|---|\n"
+    rows = []
+    for (method, ipc, k), seeds in cells.items():
+        values = [100 * seeds[s] for s in sorted(seeds)]
+        by_seed = ", ".join(f"{s}: {100 * seeds[s]:.2f}%" for s in sorted(seeds))
+        rows.append(f"| {method} | {ipc} | {k:g} | {by_seed} | {sum(values) / len(values):.2f}% | "
+                    f"{max(values) - min(values):.2f} |\n")
+    return head + "".join(rows)
+
+
 def main() -> None:
     args = parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -83,6 +103,7 @@ def main() -> None:
                     Path(args.out, "results.json").write_text(json.dumps(rows, indent=2))
                     Path(args.out, "results.md").write_text(markdown(rows))
     log.info("\n%s", markdown(rows))
+    Path(args.out, "by_seeds.md").write_text(by_seeds(args.out))
 
 
 if __name__ == "__main__":
