@@ -15,6 +15,7 @@ from lpld_ray.method.models import (
     ARCHS,
     bn_layers,
     build_model,
+    build_teacher,
     load_weights,
     load_weights_bytes,
     penultimate_features,
@@ -229,8 +230,8 @@ def test_given_teacher_weights_are_evaluated_and_recorded(tmp_path):
     from lpld_ray.method.images import normalize
     from lpld_ray.pipeline.teacher import (
         commit_given_teacher,
-        evaluate_given_teacher,
         recorded_teacher_top1,
+        top1_on_test_set,
     )
     from lpld_ray.store.storage import Store
 
@@ -241,7 +242,9 @@ def test_given_teacher_weights_are_evaluated_and_recorded(tmp_path):
     with torch.no_grad():  # the expected accuracy, by hand over the whole test set
         logits = model(normalize(torch.stack([test_set[i][0] for i in range(len(test_set))]), test_set.spec))
     expected = (logits.argmax(1) == torch.tensor([test_set[i][1] for i in range(len(test_set))])).float().mean().item()
-    top1 = evaluate_given_teacher(data, None, "convnet", save_weights_bytes(model), batch_size=64)
+    spec = test_set.spec  # the weights as the shard actor loads them (bytes, channels-last), scored as it scores them
+    teacher = build_teacher("convnet", save_weights_bytes(model), test_set.num_classes, spec.channels, spec.size)
+    top1 = top1_on_test_set(teacher, test_set, batch_size=64)
     assert top1 == pytest.approx(expected, abs=1.5 / len(test_set))  # batching may flip a near-tie, no more
     store = Store(str(tmp_path / "run"))
     assert recorded_teacher_top1(store, weights_given=True) is None

@@ -16,7 +16,7 @@ from lpld_ray.config import DataConfig, TeacherConfig
 from lpld_ray.data.base import ClassDataset
 from lpld_ray.data.datasets import load_dataset
 from lpld_ray.errors import LpldError
-from lpld_ray.method.models import build_model, build_teacher, save_weights_bytes
+from lpld_ray.method.models import build_model, save_weights_bytes
 from lpld_ray.method.rng import sampler_seed
 from lpld_ray.method.training import EpochSchedule, TrainSetup, evaluate, per_worker_batch, random_flip
 from lpld_ray.pipeline.history import put_history
@@ -112,13 +112,6 @@ def teacher_state_bytes(store: Store, cfg: TeacherConfig, weights_options: dict 
     if manifest is None:
         raise LpldError("no teacher in the run and no teacher.weights given: run the teacher stage or set teacher.weights")
     return read_object(store, TEACHER_STAGE, TEACHER_SHARD, TEACHER_OBJECT, manifest)
-
-
-def evaluate_given_teacher(data: DataConfig, data_options: dict | None, arch: str, state: bytes, batch_size: int) -> float:
-    """Test top-1 of given teacher weights on the real test set, on the GPU when there is one."""
-    test_set = load_dataset(data, "test", data_options)
-    spec = test_set.spec
-    return top1_on_test_set(build_teacher(arch, state, test_set.num_classes, spec.channels, spec.size), test_set, batch_size)
 
 
 def top1_on_test_set(model: nn.Module, test_set: ClassDataset, batch_size: int) -> float:
