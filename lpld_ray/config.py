@@ -44,6 +44,7 @@ CutoutFill = Literal["zero", "random"]
 LrStep = Literal["batch", "epoch"]
 WeightDecayOn = Literal["all", "weights"]
 SmoothingOn = Literal["probabilities", "logits"]
+TemperatureKind = Literal["constant", "step", "cosine"]
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
 BATCHING_MODES: tuple[str, ...] = typing.get_args(Batching)
 DATASETS: tuple[str, ...] = typing.get_args(Dataset)
@@ -226,6 +227,7 @@ class RelabelConfig(_Model):
     cutmix_beta: Num = Field(1.0, gt=0)
     cutout_fraction: Num = Field(0.5, gt=0, le=1)
     cutout_fill: CutoutFill = "zero"  # random: one uniform colour per view, drawn with the view and stored in it
+    topk: Int | None = Field(None, ge=1, description="null (every logit) or an integer >= 1")  # LPQLD's MR-k
     batch_size: Int = Field(256, ge=1)
 
 
@@ -243,7 +245,13 @@ class TrainConfig(_Model):
     lr_step: LrStep = "batch"  # the warm-up and cosine factor changes every batch, or once per epoch
     warmup_epochs: Int = Field(0, ge=0, description="an integer in [0, train.epochs)")
     warmup_start: Num | None = Field(None, gt=0, le=1, description="null or a number in (0, 1]")
-    temperature: Num = Field(4.0, gt=0)
+    temperature: Num = Field(4.0, gt=0)  # the teacher's; with a schedule, its value at epoch 0
+    temperature_schedule: TemperatureKind = "constant"  # step / cosine: LPQLD's dynamic knowledge reuse
+    temperature_step: Int = Field(30, ge=1)  # step: epochs between decays
+    temperature_gamma: Num = Field(0.7, gt=0, le=1)  # step: the factor of each decay
+    temperature_min: Num = Field(2.0, gt=0)  # step: the floor; cosine: the value at the last epoch
+    student_temperature: Num | None = Field(None, gt=0, description="null (the teacher's temperature) or a number > 0")
+    calibrate_student_temperature: StrictBool = False  # LPQLD's calibrated alignment, from student_temperature or 1
     t_squared: StrictBool = False  # multiply the KD loss by T^2
     label_smoothing: Num = Field(0.0, ge=0, lt=1)
     smoothing_on: SmoothingOn = "probabilities"

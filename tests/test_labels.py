@@ -164,7 +164,9 @@ def test_parquet_round_trip_and_schema_version_check(tmp_path):
     assert table.schema.field("logits").type == pa.list_(pa.float16(), CLASSES)
     assert table.num_rows == meta["records"] == int(counts[:4].sum())
     sizes = label_bytes(table)
-    assert sizes == {"logits": meta["logit_bytes"], "aug": meta["aug_bytes"], "total": meta["logit_bytes"] + meta["aug_bytes"]}
+    assert meta["index_bytes"] == 0  # every logit kept: no class indices
+    assert sizes == {"logits": meta["logit_bytes"], "index": 0, "aug": meta["aug_bytes"],
+                     "total": meta["logit_bytes"] + meta["aug_bytes"]}
     assert sizes["aug"] == table.num_rows * 54
     old = dict(table.schema.metadata)
     bad = table.replace_schema_metadata({**old, VERSION_KEY: b"99"})

@@ -55,7 +55,8 @@ def fake_run(tmp_path, teacher_history: list[dict] | None = None) -> tuple[Store
     write_images(store, ipc=3, size=28, shards=shards)
     labels = ShardWriter(store, "labels", "shard-00000")
     labels.put("labels.parquet", b"x" * 300)
-    labels.commit(seed=0, meta={"logit_bytes": 1000, "aug_bytes": 234, "records": 7})
+    labels.commit(seed=0, meta={"logit_bytes": 1000, "index_bytes": 500, "aug_bytes": 234, "records": 7,
+                                "full_pool_bytes": 17340})
     write_contact_sheet(store, shards, NAMES)
     model = torch.nn.Linear(2, 2)
     TeacherJob(DataConfig(), TeacherConfig(), store, seed=0).commit(model, 0.9123, 0, 1.0, teacher_history)
@@ -75,14 +76,17 @@ def test_report_md_holds_the_table_values_and_links_the_pngs(tmp_path):
     store, report = fake_run(tmp_path, teacher_history=history(4, 3.0))
     uri = write_report_md(store, report, NAMES, training_histories(store, teacher_given=False))
     assert uri == store.uri(REPORT_MD_OBJECT)
+    assert report["label_bytes"] == 1734 and report["label_ratio_to_full_pool"] == 17340 / 1734
     md = store.read_text(REPORT_MD_OBJECT)
     image_bytes = sum(p.stat().st_size for p in (tmp_path / "run" / "images").rglob("*.png"))
     for row in ("| Teacher test top-1 | 91.23% |", "| Student test top-1 | 80.45% |",
                 "| Images per class (IPC, `recover.ipc`) | 3 |", "| k (`relabel.compression`) | 40 |",
                 "| Method (`recover.batching` / `recover.source`) | across_classes / synthetic |",
-                "| Label bytes, paper's terms (logits + augmentation params) | 1,234 B (1.2 KiB) |",
+                "| Label bytes, paper's terms (logits + class indices + augmentation params) | 1,734 B (1.7 KiB) |",
                 "| Label bytes: soft-label logits | 1,000 B (1.0 KiB) |",
+                "| Label bytes: class indices (top-k) | 500 B (0.5 KiB) |",
                 "| Label bytes: augmentation params | 234 B (0.2 KiB) |", "| Label records | 7 |",
+                "| Label pool against the full 1x pool | 1/10.0 |",
                 "| Label files (`labels/`) | 300 B (0.3 KiB) |", f"| Image files (`images/`) | {image_bytes:,} B",
                 "| Seed | 11 |", "| recover | 1.5 s |", "| train | 75.0 s (1 min 15 s) |", "| **total** | **76.5 s"):
         assert row in md

@@ -159,12 +159,15 @@ class EpochRecords:
         self.lam = col["lam"].to_numpy()
         self.fill = col["fill"].values.to_numpy().reshape(-1, 3)
         self.boxes = {n: col[n].values.to_numpy().reshape(-1, 4) for n in BOX_FIELDS}
-        self.logits = col["logits"].values.to_numpy().reshape(-1, num_classes)
+        stored = table.schema.field("logits").type.list_size  # the class count, or k of a top-k pool
+        self.logits = col["logits"].values.to_numpy().reshape(-1, stored)
+        self.classes = col["classes"].values.to_numpy().reshape(-1, stored) if "classes" in col else None
+        self.num_classes = num_classes
 
     @property
     def nbytes(self) -> int:
         arrays = [self.ids, self.view_ids, self.flip, self.mix, self.partner, self.partner_flip, self.lam, self.fill,
-                  self.logits]
+                  self.logits, *([] if self.classes is None else [self.classes])]
         return sum(a.nbytes for a in arrays) + sum(b.nbytes for b in self.boxes.values())
 
     def partners(self) -> np.ndarray:
@@ -178,7 +181,13 @@ class EpochRecords:
                           float(self.lam[j]), tuple(int(v) for v in self.fill[j]))
 
     def target(self, j: int) -> Tensor:
-        return torch.from_numpy(self.logits[j].astype(np.float32))
+        """The teacher logits of record ``j`` over every class; a top-k record's other classes are -inf, which the
+        KD target's softmax turns into probability 0."""
+        if self.classes is None:
+            return torch.from_numpy(self.logits[j].astype(np.float32))
+        full = np.full(self.num_classes, -np.inf, dtype=np.float32)
+        full[self.classes[j].astype(np.int64)] = self.logits[j]
+        return torch.from_numpy(full)
 
 
 # ----------------------------------------------------------------------------- images, cached within a budget

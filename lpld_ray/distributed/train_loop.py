@@ -67,23 +67,27 @@ class WorkerEnv:
 
 
 def save_state(folder: str, model: nn.Module, optimizer, scheduler, epoch: int, test_top1: float | None,
-               history: list[dict] | None = None) -> None:
-    """Write the training state after ``epoch`` finished epochs (the last test top-1, the per-epoch history)
-    into ``folder``."""
+               history: list[dict] | None = None, loss_fn: nn.Module | None = None) -> None:
+    """Write the training state after ``epoch`` finished epochs (the last test top-1, the per-epoch history, the
+    loss's own state such as a calibrated temperature) into ``folder``."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "epoch": epoch, "test_top1": test_top1, "history": list(history or [])}
+             "epoch": epoch, "test_top1": test_top1, "history": list(history or []),
+             "loss": loss_fn.state_dict() if loss_fn is not None else {}}
     torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
 
 
-def load_state(folder: str | None, model: nn.Module, optimizer, scheduler) -> tuple[int, float | None, list[dict]]:
-    """Load a checkpoint folder into the model, optimizer and scheduler: (next epoch, 0-based; last test top-1;
-    the history of the epochs before). No folder: (0, None, [])."""
+def load_state(folder: str | None, model: nn.Module, optimizer, scheduler,
+               loss_fn: nn.Module | None = None) -> tuple[int, float | None, list[dict]]:
+    """Load a checkpoint folder into the model, optimizer, scheduler and loss: (next epoch, 0-based; last test
+    top-1; the history of the epochs before). No folder: (0, None, [])."""
     if folder is None:
         return 0, None, []
     state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if loss_fn is not None and state.get("loss"):  # older checkpoints and stateless losses have none
+        loss_fn.load_state_dict(state["loss"])
     # older checkpoints lack test_top1 (students) or the history (both): it starts empty then
     return int(state["epoch"]), state.get("test_top1"), list(state.get("history") or [])
 
@@ -108,7 +112,7 @@ def run_task(task: TrainTask, env: WorkerEnv) -> None:
     loader = env.prepare_loader(setup.train_loader)
     optimizer, scheduler = task.optimizer(model, len(loader))
     with env.latest_checkpoint() as folder:
-        start, top1, history = load_state(folder, bare, optimizer, scheduler)
+        start, top1, history = load_state(folder, bare, optimizer, scheduler, setup.loss_fn)
     if start:
         log.info("%s: resuming from the checkpoint of epoch %d", task.label, start)
     schedule = task.schedule
@@ -121,6 +125,8 @@ def run_task(task: TrainTask, env: WorkerEnv) -> None:
         loss = train_epoch(model, loader, setup.loss_fn, optimizer, scheduler, setup.spec, env.device, setup.augment)
         done = epoch + 1
         metrics = {"epoch": done, "loss": loss, "resumed_from": start}
+        if setup.end_epoch is not None:  # e.g. the student's temperatures, calibrated across the group
+            metrics.update(setup.end_epoch(env.all_reduce_sum if env.world > 1 else None))
         if schedule.evaluates(done):
             top1 = metrics["test_top1"] = sharded_top1(bare, test_loader, setup, env)
         history.append(epoch_record(metrics, time.time() - epoch_started))
@@ -132,7 +138,8 @@ def run_task(task: TrainTask, env: WorkerEnv) -> None:
         if schedule.reports(done):  # every rank, on the same epochs: a report is a barrier
             saving = env.rank == 0 and schedule.checkpoints(done)
             _report(env, metrics, partial(save_state, model=bare, optimizer=optimizer, scheduler=scheduler,
-                                          epoch=done, test_top1=top1, history=history) if saving else None)
+                                          epoch=done, test_top1=top1, history=history, loss_fn=setup.loss_fn)
+                    if saving else None)
     if top1 is None:  # resumed past the last epoch from a checkpoint that did not keep its top-1
         top1 = sharded_top1(bare, test_loader, setup, env)
     if env.rank == 0:
@@ -140,10 +147,12 @@ def run_task(task: TrainTask, env: WorkerEnv) -> None:
 
 
 def epoch_record(metrics: dict, seconds: float) -> dict:
-    """One epoch of the history: its number, mean loss, test top-1 (on evaluated epochs) and wall seconds."""
+    """One epoch of the history: its number, mean loss, test top-1 (on evaluated epochs), the KD temperatures (the
+    student) and wall seconds."""
     record = {"epoch": int(metrics["epoch"]), "loss": float(metrics["loss"]), "seconds": round(seconds, 3)}
-    if "test_top1" in metrics:
-        record["test_top1"] = float(metrics["test_top1"])
+    for key in ("test_top1", "teacher_temperature", "student_temperature"):
+        if key in metrics:
+            record[key] = float(metrics[key])
     return record
 
 

@@ -52,6 +52,7 @@ class TrainSetup:
     set_epoch: Callable[[int], None]  # before each epoch (0-based): samplers, label pool
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
     eval_batch_size: int = 1000
+    end_epoch: Callable[[Callable[[torch.Tensor], None] | None], dict] | None = None  # after each epoch: metrics
 
 
 def per_worker_batch(batch_size: int, world: int) -> int:

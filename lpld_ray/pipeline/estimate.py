@@ -16,13 +16,12 @@ from lpld_ray.method.models import bn_layers, build_model
 from lpld_ray.method.training import per_worker_batch
 from lpld_ray.method.views import kept_views
 from lpld_ray.pipeline.shards import plan_class_shards
-from lpld_ray.store.label_table import aug_bytes_per_row, label_schema
+from lpld_ray.store.label_table import label_schema, row_bytes
 
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 COMPRESSIONS = (1, 10, 20, 40, 100)
-LOGIT_BYTES = 2  # fp16
 # Stored PNG bytes per pixel value of a synthetic image, measured on this project's Fashion-MNIST runs
 # (66,041 B for 100 images of 28x28x1; docs/RESULTS.md). Synthetic ImageNet images are similarly high-frequency.
 PNG_BYTES_PER_VALUE = 0.84
@@ -73,9 +72,16 @@ def human(size: float) -> str:
     raise AssertionError("unreachable")
 
 
-def label_record_bytes(num_classes: int) -> int:
-    """One stored view: fp16 logits plus the augmentation parameters of the Parquet schema."""
-    return num_classes * LOGIT_BYTES + aug_bytes_per_row(label_schema(num_classes))
+def label_record_parts(num_classes: int, topk: int | None = None) -> dict[str, int]:
+    """One stored view's bytes in the paper's terms: fp16 logits (all, or the top k), their class indices (top-k
+    only) and the ids and augmentation parameters, as the Parquet schema stores them."""
+    parts = row_bytes(label_schema(num_classes, topk=topk))
+    return {"logits": parts["logits"], "index": parts["classes"], "aug": parts["aug"]}
+
+
+def label_record_bytes(num_classes: int, topk: int | None = None) -> int:
+    """One stored view: fp16 logits (all or the top k), their class indices and the augmentation parameters."""
+    return sum(label_record_parts(num_classes, topk).values())
 
 
 def label_records(num_images: int, epochs: int, compression: float) -> int:
@@ -83,9 +89,9 @@ def label_records(num_images: int, epochs: int, compression: float) -> int:
     return max(num_images, kept_views(num_images, epochs, compression))
 
 
-def label_bytes(num_images: int, epochs: int, compression: float, num_classes: int) -> int:
+def label_bytes(num_images: int, epochs: int, compression: float, num_classes: int, topk: int | None = None) -> int:
     """Label storage at compression k: one record per kept view."""
-    return label_records(num_images, epochs, compression) * label_record_bytes(num_classes)
+    return label_records(num_images, epochs, compression) * label_record_bytes(num_classes, topk)
 
 
 def image_bytes(num_images: int, channels: int, size: int, image_format: str = "png") -> int:
@@ -115,7 +121,7 @@ def loader_memory(cfg: Config, shape: DatasetShape) -> LoaderMemory:
     per_rank = -(-images // cfg.train.num_workers)
     sample = shape.channels * shape.size ** 2 * 4 + shape.num_classes * 4
     in_flight = 1 + 2 * cfg.train.loader_workers
-    record = label_record_bytes(shape.num_classes)
+    record = label_record_bytes(shape.num_classes, cfg.relabel.topk)
     row_group = cfg.runner.class_shard_size * cfg.recover.ipc * record  # one view slot of one class shard
     return LoaderMemory(36 * images + 4 * views, per_rank * record, cfg.train.image_cache_mb << 20,
                         in_flight * per_worker_batch(cfg.train.batch_size, cfg.train.num_workers) * sample,
@@ -195,6 +201,15 @@ def squeeze_sum_bytes(cfg: Config, shape: DatasetShape) -> int:
     return 8 * shape.num_classes * (len(layers) + 2 * sum(layer.num_features for layer in layers))
 
 
+def relabel_line(cfg: Config, shape: DatasetShape, shards: int) -> str:
+    """The plan's relabel line: what one stored view costs, in the paper's terms."""
+    parts = label_record_parts(shape.num_classes, cfg.relabel.topk)
+    kept = "every logit" if parts["index"] == 0 else f"the top {cfg.relabel.topk} logits"
+    return (f"relabel: {shards} class shards, {cfg.relabel.epochs} epochs of views, {sum(parts.values()):,} B per "
+            f"stored view ({kept}: logits {parts['logits']:,} B + class indices {parts['index']:,} B + "
+            f"ids and augmentation parameters {parts['aug']:,} B)")
+
+
 def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
     """The human plan: work units per stage, storage per compression, memory per worker, actors."""
     shards = len(plan_class_shards(shape.num_classes, cfg.runner.class_shard_size))
@@ -214,13 +229,13 @@ def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
            f"{cfg.rded.candidates} real images per class)" if rd else f"{cfg.recover.iterations} iterations")
         + f"; images ~{human(image_bytes(images, shape.channels, shape.size, cfg.recover.image_format))} "
         f"({cfg.recover.image_format.upper()})",
-        f"relabel: {shards} class shards, {cfg.relabel.epochs} epochs of views, "
-        f"{label_record_bytes(shape.num_classes):,} B per stored view",
+        relabel_line(cfg, shape, shards),
     ]
+    full = label_bytes(images, cfg.relabel.epochs, 1, shape.num_classes)  # the 1x pool of every logit
     for k in sorted({*COMPRESSIONS, cfg.relabel.compression}):
-        size = label_bytes(images, cfg.relabel.epochs, k, shape.num_classes)
+        size = label_bytes(images, cfg.relabel.epochs, k, shape.num_classes, cfg.relabel.topk)
         mark = "  <- this run" if k == cfg.relabel.compression else ""
-        lines.append(f"  labels at {k:g}x: {human(size)}{mark}")
+        lines.append(f"  labels at {k:g}x: {human(size)}, 1/{full / size:,.1f} of the full 1x pool{mark}")
     lines += [
         f"train: {cfg.train.epochs} epochs, {cfg.train.num_workers} Ray Train workers, global batch "
         f"{cfg.train.batch_size} ({per_worker_batch(cfg.train.batch_size, cfg.train.num_workers)} per worker), "

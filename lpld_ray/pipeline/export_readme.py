@@ -23,7 +23,10 @@ COLUMN_DOCS = {
     "lam": "CutMix: 1 - mix_box area / (S*S), the share of the view from the image itself; 1.0 otherwise "
            "(for information: the target below is the teacher's output on the mixed view, not a lam-mix of labels)",
     "fill": "Cutout: the box's colour [r, g, b] in 0..255 (a one-channel image uses r); [0,0,0] otherwise",
-    "logits": "the teacher's output (before softmax) on exactly this view, fp16, one value per class id",
+    "logits": "the teacher's output (before softmax) on exactly this view, fp16: one value per class id, or with "
+              "relabel.topk only the k largest, in the order of `classes`",
+    "classes": "top-k pools only: the class ids of the k stored logits, largest first; every other class has "
+               "probability 0 in the target",
     FILE_COLUMN: "the image's file (PNG or JPEG), relative to images/ (join partner_id to image_id for the partner's file)",
 }
 
@@ -62,9 +65,12 @@ def rebuild_view(row, images_dir, file_of, size=SIZE):
     return view
 
 
-def kd_target(row, temperature=TEMPERATURE):
-    # the soft label the student is trained towards
-    return torch.softmax(torch.tensor(row["logits"], dtype=torch.float32) / temperature, dim=0)
+def kd_target(row, num_classes=NUM_CLASSES, temperature=TEMPERATURE):
+    # the soft label the student is trained towards (a top-k record's other classes get probability 0)
+    logits = torch.tensor(row["logits"], dtype=torch.float32)
+    if "classes" in row:
+        logits = torch.full((num_classes,), float("-inf")).index_copy(0, torch.tensor(row["classes"]).long(), logits)
+    return torch.softmax(logits / temperature, dim=0)
 """
 
 
@@ -97,7 +103,8 @@ def readme_text(cfg: Config, spec: ImageSpec, root: str, schema: pa.Schema, clas
     """The export's README: what is where, the run's settings, every column, and how to rebuild a view."""
     r, t, size = cfg.relabel, cfg.train, spec.size
     meta = schema.metadata or {}
-    code = REBUILD_CODE.replace("SIZE", str(size)).replace("TEMPERATURE", f"{t.temperature:g}")
+    code = (REBUILD_CODE.replace("SIZE", str(size)).replace("TEMPERATURE", f"{t.temperature:g}")
+            .replace("NUM_CLASSES", str(len(classes))))
     lines = [
         f"# Distilled {cfg.data.name}: {images} images, {records} soft-label records", "",
         f"Exported from the lpld_ray run `{root}`: {cfg.recover.ipc} images per class of {len(classes)} classes "
@@ -114,8 +121,9 @@ def readme_text(cfg: Config, spec: ImageSpec, root: str, schema: pa.Schema, clas
         "## Run settings", "",
         f"- relabel: epochs E = {r.epochs}, compression k = {r.compression:g} (each image keeps round(E/k) views "
         f"on average, at least one), crop_scale = {list(r.crop_scale)}, flip = {r.flip}, mix = {r.mix}, "
-        f"cutmix_beta = {r.cutmix_beta:g}, cutout_fraction = {r.cutout_fraction:g}, seed = {cfg.seed}",
-        f"- student: temperature T = {t.temperature:g}, label_smoothing = {t.label_smoothing:g}, "
+        f"cutmix_beta = {r.cutmix_beta:g}, cutout_fraction = {r.cutout_fraction:g}, "
+        f"topk = {'all' if r.topk is None else r.topk}, seed = {cfg.seed}",
+        f"- student: temperature T = {t.temperature:g} ({t.temperature_schedule}), label_smoothing = {t.label_smoothing:g}, "
         f"epochs = {t.epochs}, view_sampling = {t.view_sampling}, arch = {t.arch}",
         f"- normalization before a model: (x - mean) / std per channel, mean = {list(spec.mean)}, std = "
         f"{list(spec.std)}",

@@ -95,7 +95,8 @@ def check_disk(cfg: Config, shape: DatasetShape, stages: list[str], free: int | 
     parts = {"images": image_bytes(images, shape.channels, shape.size) - stored_bytes(where, IMAGES_STAGE)
              if "recover" in stages else 0,
              f"labels at {cfg.relabel.compression:g}x": label_bytes(images, cfg.relabel.epochs,
-                                                                   cfg.relabel.compression, shape.num_classes)
+                                                                   cfg.relabel.compression, shape.num_classes,
+                                                                   cfg.relabel.topk)
              - stored_bytes(where, LABELS_STAGE) if "relabel" in stages else 0}
     parts = {name: max(0, size) for name, size in parts.items()}
     need = sum(parts.values())

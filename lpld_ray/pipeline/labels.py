@@ -20,8 +20,10 @@ from lpld_ray.store.label_table import (
     LABEL_SCHEMA_VERSION,
     epoch_order,
     label_bytes,
+    label_schema,
     read_label_table,
     records_to_table,
+    row_bytes,
     table_to_parquet,
 )
 from lpld_ray.store.layout import LABELS_OBJECT, LABELS_STAGE
@@ -67,6 +69,12 @@ def _teacher_logits(teacher: nn.Module, normalize_fn: Callable[[Tensor], Tensor]
     with torch.no_grad():
         out = teacher(normalize_fn(torch.stack(batch).to(device)))
     return out.detach().to("cpu", torch.float16)
+
+
+def full_pool_bytes(num_images: int, epochs: int, num_classes: int) -> int:
+    """The 1x pool in the paper's terms, that pruning and top-k are measured against: a record of every logit for
+    each of ``epochs`` views of each image."""
+    return num_images * epochs * sum(row_bytes(label_schema(num_classes)).values())
 
 
 @dataclass(frozen=True)
@@ -134,13 +142,16 @@ def relabel_shard(
     logits = torch.cat(outputs) if outputs else torch.empty(0, task.num_classes, dtype=torch.float16)
     views = list(task.views)
     order, row_groups = epoch_order(views, task.views_per_image())
-    table = records_to_table([views[j] for j in order], logits[order], task.num_classes, SAMPLER_VERSION)
+    table = records_to_table([views[j] for j in order], logits[order], task.num_classes, SAMPLER_VERSION,
+                             task.cfg.topk)
     data = table_to_parquet(table, row_groups)
     writer = ShardWriter(store, LABELS_STAGE, task.shard)
     writer.put(LABELS_OBJECT, data)
     sizes = label_bytes(table)
     meta = {"records": table.num_rows, "schema_version": LABEL_SCHEMA_VERSION, "sampler_version": SAMPLER_VERSION,
-            "logit_bytes": sizes["logits"], "aug_bytes": sizes["aug"], "parquet_bytes": len(data),
+            "logit_bytes": sizes["logits"], "index_bytes": sizes["index"], "aug_bytes": sizes["aug"],
+            "parquet_bytes": len(data), "full_pool_bytes": full_pool_bytes(len(task.image_ids), task.cfg.epochs,
+                                                                          task.num_classes),
             "inputs": task.inputs}
     writer.commit(task.seed, meta)
     log.info("relabelled %s: %d views of %d images in %.1fs (%d parquet bytes)", task.shard, table.num_rows,

@@ -35,7 +35,8 @@ def label_meta_sum(store: Store, key: str) -> int:
 def build_report(store: Store, cfg: Config, teacher_top1: float | None, student_top1: float | None,
                  wall_seconds: dict[str, float]) -> dict:
     """Everything a reader needs to set this run beside the paper's tables."""
-    logits, aug = label_meta_sum(store, "logit_bytes"), label_meta_sum(store, "aug_bytes")
+    logits, index, aug = (label_meta_sum(store, key) for key in ("logit_bytes", "index_bytes", "aug_bytes"))
+    full = label_meta_sum(store, "full_pool_bytes")
     return {
         "teacher_top1": teacher_top1,
         "student_top1": student_top1,
@@ -46,9 +47,13 @@ def build_report(store: Store, cfg: Config, teacher_top1: float | None, student_
         "epochs": cfg.train.epochs,
         "label_records": label_meta_sum(store, "records"),
         "image_bytes": stage_bytes(store, IMAGES_STAGE),
-        "label_bytes": logits + aug,
+        "label_bytes": logits + index + aug,
         "label_bytes_logits": logits,
+        "label_bytes_index": index,
         "label_bytes_aug": aug,
+        "label_bytes_full_pool": full,
+        "label_ratio_to_full_pool": full / (logits + index + aug) if full and logits else None,
+        "topk": cfg.relabel.topk,
         "label_file_bytes": stage_bytes(store, LABELS_STAGE),
         "wall_seconds": wall_seconds,
         "seed": cfg.seed,
@@ -66,6 +71,7 @@ def human_summary(report: dict) -> str:
     return (
         f"teacher top-1 {pct(report['teacher_top1'])} | student top-1 {pct(report['student_top1'])} | "
         f"IPC {report['ipc']} {report['batching']} | labels {report['compression']:g}x: {kib(report['label_bytes'])} "
-        f"(logits {kib(report['label_bytes_logits'])}, aug {kib(report['label_bytes_aug'])}) | "
+        f"(logits {kib(report['label_bytes_logits'])}, classes {kib(report.get('label_bytes_index', 0))}, "
+        f"aug {kib(report['label_bytes_aug'])}) | "
         f"images {kib(report['image_bytes'])}"
     )

@@ -23,6 +23,11 @@ def size(n: int) -> str:
     return f"{n:,} B ({scaled:.1f} {units[0]})"
 
 
+def ratio(value: float | None) -> str:
+    """How many times smaller than the full pool, or n/a."""
+    return "n/a" if value is None else f"1/{value:,.1f}"
+
+
 def duration(seconds: float) -> str:
     """Seconds, with minutes beside them from a minute on."""
     return f"{seconds:.1f} s" if seconds < 60 else f"{seconds:.1f} s ({int(seconds // 60)} min {seconds % 60:.0f} s)"
@@ -37,9 +42,12 @@ def summary_table(report: dict) -> list[str]:
         ("k (`relabel.compression`)", f"{report['compression']:g}"),
         ("Method (`recover.batching` / `recover.source`)", f"{report['batching']} / {report.get('source', 'n/a')}"),
         ("Student epochs", str(report["epochs"])),
-        ("Label bytes, paper's terms (logits + augmentation params)", size(report["label_bytes"])),
+        ("Top-k logits kept (`relabel.topk`)", "all" if report.get("topk") is None else str(report["topk"])),
+        ("Label bytes, paper's terms (logits + class indices + augmentation params)", size(report["label_bytes"])),
         ("Label bytes: soft-label logits", size(report["label_bytes_logits"])),
+        ("Label bytes: class indices (top-k)", size(report.get("label_bytes_index", 0))),
         ("Label bytes: augmentation params", size(report["label_bytes_aug"])),
+        ("Label pool against the full 1x pool", ratio(report.get("label_ratio_to_full_pool"))),
         ("Label records", f"{report['label_records']:,}"),
         ("Label files (`labels/`)", size(report["label_file_bytes"])),
         ("Image files (`images/`)", size(report["image_bytes"])),

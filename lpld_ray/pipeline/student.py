@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lpld_ray.config import DataConfig, TrainConfig
 from lpld_ray.data.datasets import load_dataset
 from lpld_ray.data.pool import ImageSource, LabelPool, LabelShards, ShardSampler
-from lpld_ray.method.kd import SoftTargetKLLoss
+from lpld_ray.method.kd import SoftTargetKLLoss, TemperatureSchedule
 from lpld_ray.method.models import build_model, save_weights_bytes
 from lpld_ray.method.rng import sampler_seed
 from lpld_ray.method.training import (
@@ -39,6 +39,14 @@ def open_pool(store: Store, ipc: int, size: int, cfg: TrainConfig, seed: int) ->
     pool = LabelPool(LabelShards(store), images, size, sampling=cfg.view_sampling, seed=seed)
     log.info("label pool: %d images, index %d bytes", len(pool), pool.memory_bytes()["index"])
     return pool
+
+
+def kd_loss(cfg: TrainConfig) -> SoftTargetKLLoss:
+    """The student's KD loss with the temperatures ``cfg`` asks for."""
+    schedule = TemperatureSchedule(cfg.temperature, cfg.temperature_schedule, cfg.epochs, cfg.temperature_step,
+                                   cfg.temperature_gamma, cfg.temperature_min)
+    return SoftTargetKLLoss(cfg.temperature, cfg.label_smoothing, cfg.smoothing_on, cfg.t_squared, schedule,
+                            cfg.student_temperature, cfg.calibrate_student_temperature)
 
 
 def image_sampler(pool: LabelPool, kind: str, world: int, rank: int, seed: int):
@@ -82,13 +90,15 @@ class StudentJob:
         batch = per_worker_batch(cfg.batch_size, world)  # train.batch_size is the global batch
         loader = DataLoader(pool, batch_size=batch, sampler=sampler, num_workers=cfg.loader_workers)
 
+        loss = kd_loss(cfg)
+
         def set_epoch(epoch: int) -> None:
             sampler.set_epoch(epoch)
             pool.set_epoch(epoch, list(sampler))  # reads only this rank's records and images of this epoch
+            loss.set_epoch(epoch)
 
         model = build_model(cfg.arch, test_set.num_classes, spec.channels, spec.size)
-        loss = SoftTargetKLLoss(cfg.temperature, cfg.label_smoothing, cfg.smoothing_on, cfg.t_squared)
-        return TrainSetup(model, loader, test_set, spec, loss, set_epoch)
+        return TrainSetup(model, loader, test_set, spec, loss, set_epoch, end_epoch=loss.end_epoch)
 
     def optimizer(self, model: nn.Module, steps_per_epoch: int):
         """AdamW or SGD, warm-up then cosine (the factor per batch or per epoch), stepped per batch."""

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lpld_ray.errors import StorageError
 
-LABEL_SCHEMA_VERSION = 3  # 2: the schema metadata records the sampler version; 3: the Cutout fill colour
+LABEL_SCHEMA_VERSION = 4  # 2: the schema metadata records the sampler version; 3: the Cutout fill colour; 4: top-k
 
 
 VERSION_KEY = b"lpld_label_schema_version"
@@ -24,18 +24,39 @@ NUM_CLASSES_KEY = b"num_classes"
 SAMPLER_KEY = b"lpld_sampler_version"  # the version of the seeded sampler that drew the views (lpld_ray.method.rng)
 
 
-def label_schema(num_classes: int, sampler_version: int | None = None) -> pa.Schema:
-    """The versioned Arrow schema of a label record; logits are fp16 (Parquet FLOAT16); the metadata records the
-    schema version, the class count and ``sampler_version``, the version of the sampler that drew the views
+TOPK_KEY = b"lpld_topk"  # logits stored per record: the class count, or k of relabel.topk (with a classes column)
+
+
+def stored_logits(num_classes: int, topk: int | None) -> int:
+    """How many logits a record stores: all of them, or the ``topk`` largest (when fewer than the classes)."""
+    return num_classes if topk is None else min(int(topk), num_classes)
+
+
+def class_index_type(num_classes: int) -> pa.DataType:
+    """The smallest unsigned integer type that holds every class index: uint8 up to 256 classes, else uint16/32."""
+    for kind in (pa.uint8(), pa.uint16()):
+        if num_classes <= 1 << kind.bit_width:
+            return kind
+    return pa.uint32()
+
+
+def label_schema(num_classes: int, sampler_version: int | None = None, topk: int | None = None) -> pa.Schema:
+    """The versioned Arrow schema of a label record; logits are fp16 (Parquet FLOAT16), all of them or the ``topk``
+    largest with their class indices (``classes``, largest first); the metadata records the schema version, the
+    class count, the logits per record and ``sampler_version``, the version of the sampler that drew the views
     (None: left out, for sizing a record only; check_label_schema refuses a table without it)."""
+    stored = stored_logits(num_classes, topk)
     box = pa.list_(pa.int16(), 4)
     fields = [
         ("image_id", pa.int64()), ("view_id", pa.int32()), ("crop", box), ("flip", pa.bool_()),
         ("mix", pa.int8()), ("partner_id", pa.int64()), ("partner_crop", box), ("partner_flip", pa.bool_()),
         ("mix_box", box), ("lam", pa.float32()), ("fill", pa.list_(pa.uint8(), 3)),
-        ("logits", pa.list_(pa.float16(), int(num_classes))),
+        ("logits", pa.list_(pa.float16(), stored)),
     ]
-    meta = {VERSION_KEY: str(LABEL_SCHEMA_VERSION).encode(), NUM_CLASSES_KEY: str(int(num_classes)).encode()}
+    if stored < num_classes:
+        fields.append(("classes", pa.list_(class_index_type(num_classes), stored)))
+    meta = {VERSION_KEY: str(LABEL_SCHEMA_VERSION).encode(), NUM_CLASSES_KEY: str(int(num_classes)).encode(),
+            TOPK_KEY: str(stored).encode()}
     if sampler_version is not None:
         meta[SAMPLER_KEY] = str(int(sampler_version)).encode()
     return pa.schema([pa.field(n, t, nullable=False) for n, t in fields], metadata=meta)
@@ -47,12 +68,25 @@ def _boxes(boxes: list) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.int16()), 4)
 
 
-def records_to_table(views: list, logits: Tensor, num_classes: int, sampler_version: int) -> pa.Table:
-    """One row per view, with the teacher's fp16 output [len(views), num_classes] for it; the views were drawn by
-    sampler ``sampler_version``."""
+def top_logits(logits: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+    """The ``topk`` largest of each row of fp16 ``logits`` and their class indices, largest first (ties: the lower
+    index first, so that the choice does not depend on the platform)."""
+    order = torch.sort(logits.float(), dim=1, descending=True, stable=True).indices[:, :topk]
+    return logits.gather(1, order), order
+
+
+def records_to_table(views: list, logits: Tensor, num_classes: int, sampler_version: int,
+                     topk: int | None = None) -> pa.Table:
+    """One row per view, with the teacher's fp16 output [len(views), num_classes] for it (all of it, or its
+    ``topk`` largest values and their classes); the views were drawn by sampler ``sampler_version``."""
     if tuple(logits.shape) != (len(views), num_classes):
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit {len(views)} views x {num_classes} classes")
-    flat = logits.detach().to("cpu", torch.float16).contiguous().numpy().reshape(-1)
+    stored = stored_logits(num_classes, topk)
+    logits = logits.detach().to("cpu", torch.float16)
+    classes = None
+    if stored < num_classes:
+        logits, classes = top_logits(logits, stored)
+    flat = logits.contiguous().numpy().reshape(-1)
     columns = [
         pa.array([v.image_id for v in views], pa.int64()), pa.array([v.view_id for v in views], pa.int32()),
         _boxes([v.crop for v in views]), pa.array([v.flip for v in views], pa.bool_()),
@@ -61,9 +95,13 @@ def records_to_table(views: list, logits: Tensor, num_classes: int, sampler_vers
         _boxes([v.mix_box for v in views]), pa.array([v.lam for v in views], pa.float32()),
         pa.FixedSizeListArray.from_arrays(pa.array(np.array([v.fill for v in views], dtype=np.uint8).reshape(-1),
                                                    pa.uint8()), 3),
-        pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), num_classes),
+        pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), stored),
     ]
-    return pa.Table.from_arrays(columns, schema=label_schema(num_classes, sampler_version))
+    schema = label_schema(num_classes, sampler_version, topk)
+    if classes is not None:
+        kind = schema.field("classes").type.value_type
+        columns.append(pa.FixedSizeListArray.from_arrays(pa.array(classes.numpy().reshape(-1), kind), stored))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def epoch_order(views: list, counts: Tensor | Mapping[int, int]) -> tuple[list[int], list[int]]:
@@ -99,7 +137,7 @@ def check_label_schema(schema: pa.Schema, where: str = "label table") -> None:
     if found != str(LABEL_SCHEMA_VERSION):
         raise StorageError(f"{where} has label schema version {found}, which is not supported "
                            f"(supported: {LABEL_SCHEMA_VERSION}): re-run the relabel stage")
-    missing = [k.decode() for k in (NUM_CLASSES_KEY, SAMPLER_KEY) if not meta.get(k, b"").decode("utf-8", "replace").isdigit()]
+    missing = [k.decode() for k in (NUM_CLASSES_KEY, SAMPLER_KEY, TOPK_KEY) if not meta.get(k, b"").decode("utf-8", "replace").isdigit()]
     if missing:
         raise StorageError(f"{where} has label schema version {found} but no valid {' or '.join(missing)} in its "
                            "metadata: re-run the relabel stage")
@@ -115,30 +153,39 @@ def read_label_table(data: bytes) -> pa.Table:
     return table
 
 
-def num_classes_of(table: pa.Table) -> int:
-    """The class count a (checked) label table records."""
-    return int((table.schema.metadata or {})[NUM_CLASSES_KEY])
-
-
 def sampler_version_of(table: pa.Table) -> int:
     """The version of the sampler that drew a (checked) label table's views."""
     return int((table.schema.metadata or {})[SAMPLER_KEY])
 
 
+def topk_of(table: pa.Table) -> int:
+    """The logits per record a (checked) label table stores."""
+    return int((table.schema.metadata or {})[TOPK_KEY])
+
+
+def _column_bytes(field: pa.Field) -> int:
+    """Bytes of one row of a fixed-width column (a bool counts as 1)."""
+    kind, width = (field.type.value_type, field.type.list_size) if pa.types.is_fixed_size_list(field.type) \
+        else (field.type, 1)
+    return max(1, kind.bit_width // 8) * width
+
+
+def row_bytes(schema: pa.Schema) -> dict[str, int]:
+    """One record's bytes in the paper's terms: fp16 logits, their class indices (top-k only) and the rest (ids and
+    augmentation parameters)."""
+    sizes = {name: _column_bytes(schema.field(name)) if name in schema.names else 0 for name in ("logits", "classes")}
+    sizes["aug"] = sum(_column_bytes(f) for f in schema if f.name not in ("logits", "classes"))
+    return sizes
+
+
 def aug_bytes_per_row(schema: pa.Schema) -> int:
-    """Bytes of the non-logit columns of one row (ids and augmentation parameters; a bool counts as 1)."""
-    total = 0
-    for f in schema:
-        if f.name == "logits":
-            continue
-        kind, width = (f.type.value_type, f.type.list_size) if pa.types.is_fixed_size_list(f.type) else (f.type, 1)
-        total += max(1, kind.bit_width // 8) * width
-    return total
+    """Bytes of the ids and augmentation parameters of one row (every column but the logits and their classes)."""
+    return row_bytes(schema)["aug"]
 
 
 def label_bytes(table: pa.Table) -> dict[str, int]:
-    """Label storage in the paper's terms: fp16 logits, augmentation parameters, and their total."""
-    rows = table.num_rows
-    logits = rows * num_classes_of(table) * 2
-    aug = rows * aug_bytes_per_row(table.schema)
-    return {"logits": logits, "aug": aug, "total": logits + aug}
+    """Label storage in the paper's terms: fp16 logits, their class indices (top-k), augmentation parameters, and
+    their total."""
+    sizes = {key: table.num_rows * value for key, value in row_bytes(table.schema).items()}
+    return {"logits": sizes["logits"], "index": sizes["classes"], "aug": sizes["aug"],
+            "total": sizes["logits"] + sizes["classes"] + sizes["aug"]}

@@ -1,0 +1,146 @@
+"""Top-k logits, the teacher temperature schedule and the calibrated student temperature (LPQLD's levers)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pyarrow as pa
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import pool_items
+from test_labels import CLASSES, IPC
+from test_pool import open_pool, relabelled
+
+from lpld_ray.config import RelabelConfig, TrainConfig
+from lpld_ray.config_io import load_config
+from lpld_ray.data.pool import EpochRecords
+from lpld_ray.distributed.train_loop import load_state, save_state
+from lpld_ray.errors import ConfigError
+from lpld_ray.method.kd import SoftTargetKLLoss, TemperatureSchedule, soft_target
+from lpld_ray.pipeline.estimate import dataset_shape, label_bytes, label_record_parts, plan_lines
+from lpld_ray.pipeline.student import kd_loss
+from lpld_ray.store.label_table import class_index_type, records_to_table, topk_of
+from lpld_ray.store.label_table import label_bytes as table_bytes
+
+
+class View:  # the fields records_to_table reads, all plain
+    image_id, view_id, crop, flip, mix, partner_id, partner_crop, partner_flip, mix_box, lam, fill = (
+        0, 0, None, False, 0, -1, None, False, None, 1.0, (0, 0, 0))
+
+
+def test_top_k_round_trip_and_the_target_by_hand():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.5, -1.0, 0.5, 4.0]], dtype=torch.float16)
+    table = records_to_table([View(), View()], logits, 4, sampler_version=1, topk=2)
+    assert table.column("logits").to_pylist() == [[3.0, 2.0], [4.0, 0.5]]
+    assert table.column("classes").to_pylist() == [[1, 2], [3, 0]]  # a tie keeps the lower class first
+    assert table.schema.field("classes").type.value_type == pa.uint8() and topk_of(table) == 2
+    assert table_bytes(table) == {"logits": 2 * 2 * 2, "index": 2 * 2 * 1, "aug": 2 * 54, "total": 8 + 4 + 108}
+    target = EpochRecords(table, 4).target(0)
+    assert target.tolist() == [-math.inf, 3.0, 2.0, -math.inf]
+    t = 2.0
+    expect = [0.0, math.exp(3 / t) / (math.exp(3 / t) + math.exp(2 / t)), math.exp(2 / t) / (math.exp(3 / t) + math.exp(2 / t)), 0.0]
+    got = soft_target(target[None], t)[0]
+    assert got.tolist() == pytest.approx(expect, abs=1e-6)
+    # LPQLD's MR-k: softmax over the stored values, scattered into zeros
+    mr = torch.zeros(4).scatter_(0, torch.tensor([1, 2]), F.softmax(torch.tensor([3.0, 2.0]) / t, dim=0))
+    assert torch.allclose(got, mr)
+    student = torch.tensor([[0.3, 1.0, -0.2, 0.1]])
+    loss = SoftTargetKLLoss(t)(student, target[None])
+    by_hand = sum(p * (math.log(p) - q) for p, q in zip(expect, F.log_softmax(student[0] / t, 0).tolist()) if p)
+    assert float(loss) == pytest.approx(by_hand, rel=1e-5)
+    full = records_to_table([View()], logits[:1], 4, sampler_version=1, topk=4)  # k >= classes: every logit
+    assert "classes" not in full.schema.names and topk_of(full) == 4
+
+
+@pytest.mark.parametrize("classes, kind", [(10, pa.uint8()), (256, pa.uint8()), (257, pa.uint16()),
+                                           (10450, pa.uint16()), (70000, pa.uint32())])
+def test_class_indices_take_the_smallest_unsigned_type(classes, kind):
+    assert class_index_type(classes) == kind
+
+
+def test_relabelled_top_k_pool_keeps_the_largest_teacher_outputs(tmp_path):
+    base = RelabelConfig(epochs=3, mix="cutmix", batch_size=5)
+    full_store, *_ = relabelled(tmp_path / "full", base)
+    top_store, meta, *_ = relabelled(tmp_path / "top", base.model_copy(update={"topk": 2}))
+    assert meta["index_bytes"] == meta["records"] * 2 and meta["logit_bytes"] == meta["records"] * 2 * 2
+    assert meta["full_pool_bytes"] == IPC * 3 * (CLASSES * 2 + 54)
+    full = {(v.image_id, v.view_id): y for _, _, y, v in pool_items(open_pool(full_store), 3)}
+    seen = 0
+    for _, _, y, view in pool_items(open_pool(top_store), 3):
+        whole = full[(view.image_id, view.view_id)]
+        kept = torch.isfinite(y)
+        assert int(kept.sum()) == 2 and float(whole[~kept].max()) <= float(whole[kept].min())
+        assert torch.equal(y[kept], whole[kept])  # the same fp16 values, at their classes
+        seen += 1
+    assert seen == 3 * IPC
+
+
+def test_step_and_cosine_teacher_temperatures():
+    step = TemperatureSchedule(20.0, "step", epochs=300, step=30, gamma=0.7, minimum=2.0)
+    expect = {1: 20.0, 29: 20.0, 30: 14.0, 59: 14.0, 60: 9.8, 90: 6.86, 120: 4.802, 150: 3.3614, 180: 2.35298,
+              210: 2.0, 300: 2.0}  # max(2, 20 * 0.7 ** floor(e / 30))
+    assert {e: round(step.at(e), 6) for e in expect} == expect
+    cosine = TemperatureSchedule(20.0, "cosine", epochs=300, minimum=2.0)
+    assert cosine.at(150) == pytest.approx(11.0) and cosine.at(300) == pytest.approx(2.0)
+    assert cosine.at(1) == pytest.approx(2 + 9 * (1 + math.cos(math.pi / 300)))
+    assert TemperatureSchedule(4.0).at(77) == 4.0
+    loss = kd_loss(TrainConfig(epochs=300, temperature=20, temperature_schedule="step"))
+    loss.set_epoch(29)  # 0-based epoch 29 is the 30th
+    assert loss.teacher_temperature == pytest.approx(14.0) and loss.student_temperature == pytest.approx(14.0)
+
+
+def test_calibration_picks_the_temperature_that_fits_the_last_batch_and_survives_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    student = torch.randn(16, 10) * 3
+    teacher = student * 4  # softmax(teacher / 2) == softmax(student / 0.5): t = 0.5 fits exactly
+    loss = SoftTargetKLLoss(2.0, student_temperature=1.0, calibrate=True)
+    loss(student, teacher)
+    assert loss.student_temperature == 1.0  # the first epoch runs at the start value
+    used = loss.end_epoch()
+    assert used == {"teacher_temperature": 2.0, "student_temperature": 1.0}
+    assert loss.student_temperature == pytest.approx(0.5)
+    summed = []
+    other = SoftTargetKLLoss(2.0, calibrate=True)
+    other(student, teacher)
+    other.end_epoch(lambda losses: summed.append(losses.clone()))  # every rank's candidate losses are summed
+    assert summed[0].shape == (100,) and other.student_temperature == pytest.approx(0.5)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    os.makedirs(tmp_path / "ckpt")
+    save_state(str(tmp_path / "ckpt"), model, optimizer, scheduler, 3, None, [], loss_fn=loss)
+    restored = SoftTargetKLLoss(2.0, calibrate=True)
+    assert restored.student_temperature == 1.0
+    assert load_state(str(tmp_path / "ckpt"), model, optimizer, scheduler, restored)[0] == 3
+    assert restored.student_temperature == pytest.approx(0.5)
+    fixed = SoftTargetKLLoss(2.0, student_temperature=3.0)
+    fixed(student, teacher)
+    assert fixed.end_epoch()["student_temperature"] == 3.0 and fixed.student_temperature == 3.0
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("relabel.topk", "0", "null (every logit) or an integer >= 1"),
+    ("train.temperature_schedule", "linear", "one of constant, step, cosine"),
+    ("train.student_temperature", "-1", "null (the teacher's temperature) or a number > 0"),
+    ("train.temperature_gamma", "1.5", "1"),
+])
+def test_label_compression_settings_are_checked(key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config("jobs/configs/fashion_mnist.yaml", [f"{key}={value}"])
+    message = str(err.value)
+    assert key in message and value in message and allowed in message and "\n" not in message
+
+
+def test_plan_counts_top_k_logits_and_their_indices():
+    """ImageNet-1K IPC 10 at 10x with top-100 (LPQLD's setting): 300,000 records of 100 fp16 logits, 100 uint16
+    class indices and 54 B of ids and parameters."""
+    assert label_record_parts(1000, 100) == {"logits": 200, "index": 200, "aug": 54}
+    assert label_bytes(10_000, 300, 10, 1000, 100) == 300_000 * 454
+    cfg = load_config("jobs/configs/imagenet1k_rn18.yaml", ["recover.ipc=10", "relabel.compression=10",
+                                                            "relabel.topk=100"])
+    text = "\n".join(plan_lines(cfg, dataset_shape(cfg.data), "8"))
+    assert "454 B per stored view (the top 100 logits: logits 200 B + class indices 200 B" in text
+    full = 10_000 * 300 * (2000 + 54)
+    assert f"labels at 10x: 129.89 MiB, 1/{full / (300_000 * 454):,.1f} of the full 1x pool  <- this run" in text
