@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from lpld_ray.cli import main as distill
+from lpld_ray.pipeline.plots import accuracy_storage_png
 from lpld_ray.store.manifest import copy_stage
 from lpld_ray.store.storage import Store
 
@@ -27,7 +28,7 @@ METHODS = {
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default="jobs/configs/fashion_mnist.yaml")
-    p.add_argument("--teacher", required=True, help="teacher weights path/URI shared by every cell")
+    p.add_argument("--teacher", help="teacher weights path/URI shared by every cell (required unless --summarize)")
     p.add_argument("--out", required=True, help="folder for one run per cell and results.json / results.md")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--ipc", nargs="+", type=int, default=[10, 50])
@@ -35,13 +36,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--stats-from", help="a finished run with the same teacher, data and class shards: copy its squeeze stats (lpld, cwb)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
-    return p.parse_args()
+    p.add_argument("--summarize", action="store_true", help="run nothing: write by_seeds.md and accuracy_storage.png "
+                   "from the cells already finished under --out")
+    p.add_argument("--tag", default="", help="a name for this grid's --set values: cells are <method>-<tag>_ipc..., "
+                   "a line of their own in the tables and the plot")
+    args = p.parse_args()
+    if not args.summarize and not args.teacher:
+        p.error("--teacher is required to run cells (or give --summarize)")
+    return args
 
 
 def run_cell(args: argparse.Namespace, method: str, ipc: int, k: float, seed: int, images_from: str | None) -> dict:
     """One pipeline run; images are copied from the same (method, ipc, seed) run at another k when given,
     since recover does not depend on the label pool."""
-    run_dir = f"{args.out}/{method}_ipc{ipc}_k{k:g}_s{seed}"
+    name = f"{method}-{args.tag}" if args.tag else method
+    run_dir = f"{args.out}/{name}_ipc{ipc}_k{k:g}_s{seed}"
     overrides = [*METHODS[method], f"recover.ipc={ipc}", f"relabel.compression={k}", f"seed={seed}",
                  f"teacher.weights={args.teacher}", *args.overrides]
     stages = "recover,relabel,train,report" if method in ("real", "rded") else "squeeze,recover,relabel,train,report"
@@ -56,41 +65,71 @@ def run_cell(args: argparse.Namespace, method: str, ipc: int, k: float, seed: in
     if distill(cli) != 0:
         raise SystemExit(f"cell {run_dir} failed")
     report = json.loads(Path(run_dir, "report", "report.json").read_text())
-    report.update(method=method, run_dir=run_dir)
+    report.update(method=name, run_dir=run_dir)
     return report
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| method | IPC | k | seed | student top-1 | label bytes (logits + aug) | image bytes |\n|---|---|---|---|---|---|---|\n"
+    head = ("| method | IPC | k | top-k | seed | student top-1 | label bytes (logits + classes + aug) | image bytes |\n"
+            "|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
-        f"| {r['method']} | {r['ipc']} | {r['compression']:g} | {r['seed']} | {100 * r['student_top1']:.2f}% | "
-        f"{r['label_bytes']:,} ({r['label_bytes_logits']:,} + {r['label_bytes_aug']:,}) | {r['image_bytes']:,} |\n"
+        f"| {r['method']} | {r['ipc']} | {r['compression']:g} | {r.get('topk') or 'all'} | {r['seed']} | "
+        f"{100 * r['student_top1']:.2f}% | {r['label_bytes']:,} ({r['label_bytes_logits']:,} + "
+        f"{r.get('label_bytes_index', 0):,} + {r['label_bytes_aug']:,}) | {r['image_bytes']:,} |\n"
         for r in rows
     )
 
 
-def by_seeds(out: str) -> str:
-    """Every finished cell under ``out`` (this run's and earlier ones'), one row per method, IPC and k: the student
-    top-1 of each seed, their mean and their spread (max - min)."""
-    cells: dict[tuple, dict[int, float]] = {}
+def finished_cells(out: str) -> dict[tuple, dict[int, dict]]:
+    """Every finished cell under ``out`` (this run's and earlier ones'): (method, IPC, k) -> seed -> its report."""
+    cells: dict[tuple, dict[int, dict]] = {}
     for path in sorted(Path(out).glob("*/report/report.json")):
         report = json.loads(path.read_text())
-        if report.get("student_top1") is None:
-            continue
-        method = path.parents[1].name.split("_ipc")[0]
-        cells.setdefault((method, report["ipc"], report["compression"]), {})[report["seed"]] = report["student_top1"]
-    head = "| method | IPC | k | top-1 by seed | mean | spread |\n|---|---|---|---|---|---|\n"
+        if report.get("student_top1") is not None:
+            method = path.parents[1].name.split("_ipc")[0]
+            cells.setdefault((method, report["ipc"], report["compression"]), {})[report["seed"]] = report
+    return cells
+
+
+def by_seeds(cells: dict[tuple, dict[int, dict]]) -> str:
+    """One row per method, IPC and k: the student top-1 of each seed, their mean and spread (max - min), and the
+    storage in the paper's terms (labels + images, mean over the seeds)."""
+    head = ("| method | IPC | k | top-1 by seed | mean | spread | labels + images (bytes) |\n"
+            "|---|---|---|---|---|---|---|\n")
     rows = []
     for (method, ipc, k), seeds in cells.items():
-        values = [100 * seeds[s] for s in sorted(seeds)]
-        by_seed = ", ".join(f"{s}: {100 * seeds[s]:.2f}%" for s in sorted(seeds))
+        values = [100 * seeds[s]["student_top1"] for s in sorted(seeds)]
+        by_seed = ", ".join(f"{s}: {100 * seeds[s]['student_top1']:.2f}%" for s in sorted(seeds))
         rows.append(f"| {method} | {ipc} | {k:g} | {by_seed} | {sum(values) / len(values):.2f}% | "
-                    f"{max(values) - min(values):.2f} |\n")
+                    f"{max(values) - min(values):.2f} | {storage(seeds):,.0f} |\n")
     return head + "".join(rows)
+
+
+def storage(seeds: dict[int, dict]) -> float:
+    """Labels (paper's terms) + image files, in bytes, mean over the seeds."""
+    return sum(r["label_bytes"] + r["image_bytes"] for r in seeds.values()) / len(seeds)
+
+
+def plot_lines(cells: dict[tuple, dict[int, dict]]) -> dict[str, list[tuple[float, float]]]:
+    """(storage, mean top-1 %) points per method and IPC, for the accuracy-against-storage plot."""
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for (method, ipc, _), seeds in cells.items():
+        top1 = 100 * sum(r["student_top1"] for r in seeds.values()) / len(seeds)
+        lines.setdefault(f"{method} IPC {ipc}", []).append((storage(seeds), top1))
+    return lines
 
 
 def main() -> None:
     args = parse_args()
+    if not args.summarize:
+        run_grid(args)
+    cells = finished_cells(args.out)
+    Path(args.out, "by_seeds.md").write_text(by_seeds(cells))
+    Path(args.out, "accuracy_storage.png").write_bytes(accuracy_storage_png(plot_lines(cells)))
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    """Every cell of the grid, in order; results.json / results.md rewritten after each."""
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows = []
     for method in args.methods:
@@ -103,7 +142,6 @@ def main() -> None:
                     Path(args.out, "results.json").write_text(json.dumps(rows, indent=2))
                     Path(args.out, "results.md").write_text(markdown(rows))
     log.info("\n%s", markdown(rows))
-    Path(args.out, "by_seeds.md").write_text(by_seeds(args.out))
 
 
 if __name__ == "__main__":

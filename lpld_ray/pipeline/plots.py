@@ -1,4 +1,4 @@
-"""The training curve of the report: loss and test top-1 against epoch, of the student and the teacher trained here."""
+"""The report's training curve (loss and test top-1 against epoch) and the grid's accuracy-against-storage plot."""
 
 from __future__ import annotations
 
@@ -54,3 +54,25 @@ def write_training_curve(store: Store, histories: dict[str, list[dict]]) -> str 
         return None
     store.write_bytes(CURVE_OBJECT, training_curve_png(histories))
     return store.uri(CURVE_OBJECT)
+
+
+def accuracy_storage_png(lines: dict[str, list[tuple[float, float]]]) -> bytes:
+    """PNG bytes of student top-1 (%) against total storage (images + labels, bytes, log scale), one line per method
+    through its (storage, top-1) points: the LPLD paper's Figure 1 for a grid's runs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=CURVE_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for label, points in sorted(lines.items()):
+        points = sorted(points)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("storage: images + labels (bytes, log scale)")
+    ax.set_ylabel("student test top-1 (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

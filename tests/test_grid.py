@@ -1,0 +1,42 @@
+"""jobs/grid.py's tables and its accuracy-against-storage plot, from finished cells' report.json files."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+from PIL import Image
+
+
+def load_grid():
+    spec = importlib.util.spec_from_file_location("grid", Path(__file__).parents[1] / "jobs" / "grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_cell(out: Path, name: str, seed: int, top1: float | None, labels: int, images: int, k: float) -> None:
+    folder = out / f"{name}_ipc10_k{k:g}_s{seed}" / "report"
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps({"student_top1": top1, "ipc": 10, "compression": k, "seed": seed,
+                                                    "label_bytes": labels, "image_bytes": images}))
+
+
+def test_by_seeds_and_the_storage_plot(tmp_path):
+    grid = load_grid()
+    for seed, top1, images in ((0, 0.80, 1000), (1, 0.83, 1200)):
+        write_cell(tmp_path, "lpld", seed, top1, 4000, images, 40)
+    write_cell(tmp_path, "lpld", 0, 0.85, 160_000, 1000, 1)
+    write_cell(tmp_path, "lpld-top2", 0, 0.79, 3000, 1000, 40)
+    write_cell(tmp_path, "sre2l", 0, None, 4000, 1000, 40)  # not finished: left out
+    cells = grid.finished_cells(str(tmp_path))
+    assert set(cells) == {("lpld", 10, 40), ("lpld", 10, 1), ("lpld-top2", 10, 40)}
+    table = grid.by_seeds(cells)
+    assert "| lpld | 10 | 40 | 0: 80.00%, 1: 83.00% | 81.50% | 3.00 | 5,100 |" in table
+    lines = grid.plot_lines(cells)
+    assert sorted(lines["lpld IPC 10"]) == [(5100.0, 81.5), (161_000.0, 85.0)]
+    assert lines["lpld-top2 IPC 10"] == [(4000.0, 79.0)]
+    png = Image.open(io.BytesIO(grid.accuracy_storage_png(lines)))
+    assert png.format == "PNG" and png.size[0] > 300
