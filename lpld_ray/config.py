@@ -45,6 +45,8 @@ LrStep = Literal["batch", "epoch"]
 WeightDecayOn = Literal["all", "weights"]
 SmoothingOn = Literal["probabilities", "logits"]
 TemperatureKind = Literal["constant", "step", "cosine"]
+PruneBy = Literal["random", "confidence", "diff", "diff_signed", "cut_ratio", "correct"]
+PruneKeep = Literal["easy", "hard"]
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
 BATCHING_MODES: tuple[str, ...] = typing.get_args(Batching)
 DATASETS: tuple[str, ...] = typing.get_args(Dataset)
@@ -228,6 +230,8 @@ class RelabelConfig(_Model):
     cutout_fraction: Num = Field(0.5, gt=0, le=1)
     cutout_fill: CutoutFill = "zero"  # random: one uniform colour per view, drawn with the view and stored in it
     topk: Int | None = Field(None, ge=1, description="null (every logit) or an integer >= 1")  # LPQLD's MR-k
+    prune_by: PruneBy = "random"  # else score all E views of an image by the teacher and keep its best (Table 5)
+    prune_keep: PruneKeep = "easy"  # easy: the highest scores; hard: the lowest
     batch_size: Int = Field(256, ge=1)
 
 

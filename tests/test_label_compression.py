@@ -19,6 +19,7 @@ from lpld_ray.data.pool import EpochRecords
 from lpld_ray.distributed.train_loop import load_state, save_state
 from lpld_ray.errors import ConfigError
 from lpld_ray.method.kd import SoftTargetKLLoss, TemperatureSchedule, soft_target
+from lpld_ray.method.prune import select_views, view_scores
 from lpld_ray.pipeline.estimate import dataset_shape, label_bytes, label_record_parts, plan_lines
 from lpld_ray.pipeline.student import kd_loss
 from lpld_ray.store.label_table import class_index_type, records_to_table, topk_of
@@ -144,3 +145,60 @@ def test_plan_counts_top_k_logits_and_their_indices():
     assert "454 B per stored view (the top 100 logits: logits 200 B + class indices 200 B" in text
     full = 10_000 * 300 * (2000 + 54)
     assert f"labels at 10x: 129.89 MiB, 1/{full / (300_000 * 454):,.1f} of the full 1x pool  <- this run" in text
+
+
+def test_each_pruning_metric_on_hand_built_views():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1],     # plain view of class 0: teacher right
+                                     [0.1, 0.5, 0.4],     # CutMix class 0 + partner class 2: top-2 {1, 2}
+                                     [0.45, 0.1, 0.45],   # CutMix class 0 + partner class 2: top-2 {0, 2}
+                                     [0.2, 0.3, 0.5]]))   # Cutout view of class 1: teacher says 2
+    image_class, partner_class = torch.tensor([0, 0, 0, 1]), torch.tensor([-1, 2, 2, -1])
+    lam = torch.tensor([1.0, 0.6, 0.3, 1.0])
+
+    def score(metric):
+        return view_scores(logits, metric, image_class, partner_class, lam).tolist()
+
+    assert score("confidence") == pytest.approx([0.7, 0.5, 0.45, 0.5])
+    assert score("diff") == pytest.approx([0.5, 0.1, 0.0, 0.2])
+    assert score("diff_signed") == pytest.approx([0.7 - 0.2, 0.1 - 0.4, 0.45 - 0.45, 0.3 - 0.5])
+    assert score("cut_ratio") == pytest.approx([1.0, 0.6, 0.3, 1.0])
+    assert score("correct") == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_select_views_keeps_each_images_best_or_worst_with_ties_to_the_lower_view():
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.5, 0.2, 0.8])
+    images, views = [0, 0, 0, 1, 1, 1], [0, 1, 2, 3, 1, 2]
+    assert select_views(scores, images, views, {0: 2, 1: 1}) == [0, 2, 5]
+    assert select_views(scores, images, views, {0: 1, 1: 2}, easy=False) == [1, 3, 4]
+    tied = torch.ones(6)
+    assert select_views(tied, images, views, {0: 1, 1: 1}) == [0, 4]  # view 0 of image 0, view 1 of image 1
+
+
+@pytest.mark.parametrize("keep", ["easy", "hard"])
+def test_metric_pruning_stores_each_images_best_views_and_the_pool_serves_them(tmp_path, keep):
+    from test_labels import make_images, normalize, tiny_teacher
+    from test_pool import commit_images
+
+    from lpld_ray.method.views import image_id_of
+    from lpld_ray.pipeline.labels import relabel_shard, relabel_task
+    from lpld_ray.store.storage import Store
+
+    images, teacher = make_images(), tiny_teacher()
+    ids = [image_id_of(1, i, IPC) for i in range(IPC)]
+    full_cfg = RelabelConfig(epochs=8, compression=1, mix="cutmix", batch_size=16)
+    cfg = full_cfg.model_copy(update={"compression": 4, "prune_by": "confidence", "prune_keep": keep})
+    logits_of = {}
+    for name, c in (("full", full_cfg), ("pruned", cfg)):
+        store = Store(str(tmp_path / name))
+        task = relabel_task("shard-00001", ids, c, 7, IPC, CLASSES, 16)
+        meta = relabel_shard(store, teacher, normalize, images, task)
+        commit_images(store, images)
+        logits_of[name] = {(v.image_id, v.view_id): y for _, _, y, v in pool_items(open_pool(store), c.epochs)}
+    assert meta["records"] == IPC * 8 // 4
+    for image in ids:
+        conf = {v: float(torch.softmax(y, 0).max()) for (i, v), y in logits_of["full"].items() if i == image}
+        kept = sorted(v for (i, v) in logits_of["pruned"] if i == image)
+        ranked = sorted(conf, key=lambda v: (-conf[v] if keep == "easy" else conf[v], v))
+        assert kept == sorted(ranked[:2])  # the 2 of 8 views the teacher is most (least) sure of
+        for v in kept:
+            assert torch.equal(logits_of["pruned"][(image, v)], logits_of["full"][(image, v)])

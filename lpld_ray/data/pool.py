@@ -63,18 +63,20 @@ class PoolIndex:
 
 
 def build_index(columns: dict[str, tuple[np.ndarray, np.ndarray]]) -> PoolIndex:
-    """The index from each shard's image_id and view_id columns; every image in one shard with views 0..n-1."""
+    """The index from each shard's image_id and view_id columns; every image in one shard, its view_ids distinct
+    (0..n-1 under random pruning, any E-view subset under metric pruning)."""
     image_id = np.concatenate([ids for ids, _ in columns.values()]).astype(np.int64)
     view_id = np.concatenate([views for _, views in columns.values()]).astype(np.int64)
     row = np.concatenate([np.arange(len(ids), dtype=np.int32) for ids, _ in columns.values()])
     shard = np.concatenate([np.full(len(ids), s, np.int32) for s, (ids, _) in enumerate(columns.values())])
     order = np.lexsort((view_id, image_id))
     image_ids, first, counts = np.unique(image_id[order], return_index=True, return_counts=True)
-    expected_view = np.arange(len(order)) - np.repeat(first, counts)
+    repeated = np.zeros(len(order), bool)
+    repeated[1:] = (image_id[order][1:] == image_id[order][:-1]) & (view_id[order][1:] == view_id[order][:-1])
     spread = shard[order] != np.repeat(shard[order][first], counts)
-    if np.any(view_id[order] != expected_view) or np.any(spread):
-        bad = int(image_id[order][np.argmax((view_id[order] != expected_view) | spread)])
-        raise StorageError(f"label pool: image {bad} has duplicate, missing or split views: re-run the relabel stage")
+    if np.any(repeated) or np.any(spread):
+        bad = int(image_id[order][np.argmax(repeated | spread)])
+        raise StorageError(f"label pool: image {bad} has duplicate or split views: re-run the relabel stage")
     return PoolIndex(tuple(columns), image_ids, shard[order][first], first, counts, row[order])
 
 
@@ -304,7 +306,7 @@ class LabelPool(Dataset):
         return int(self.index.counts[i])
 
     def view_index(self, i: int, epoch: int) -> int:
-        """Which of image i's stored views (0..n_i-1, in view_id order) ``epoch`` uses."""
+        """Which of image i's stored views (its n_i views in view_id order: 0..n_i-1) ``epoch`` uses."""
         n = self.views_of(i)
         if self.sampling == "cycle":
             return int(epoch) % n

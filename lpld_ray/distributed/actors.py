@@ -59,13 +59,11 @@ class ShardWorker:
         """One labels shard: every kept view of its images sampled once, then only its images and their views'
         CutMix partners read."""
         from lpld_ray.method.images import normalize
-        from lpld_ray.method.views import image_id_of, plan_views, view_counts
-        from lpld_ray.pipeline.labels import RelabelTask, relabel_shard
+        from lpld_ray.method.views import image_id_of
+        from lpld_ray.pipeline.labels import relabel_shard, relabel_task
 
-        counts = view_counts(num_classes * ipc, cfg.epochs, cfg.compression, seed)
         ids = [image_id_of(c, i, ipc) for c in shard.class_ids for i in range(ipc)]
-        views = plan_views(seed, ids, counts, cfg, self.spec.size)
-        task = RelabelTask(shard.name, tuple(ids), tuple(views), cfg, seed, num_classes, inputs)
+        task = relabel_task(shard.name, ids, cfg, seed, ipc, num_classes, self.spec.size, inputs)
         images = load_images(self.store, ipc, task.images_needed(), shards)
         return relabel_shard(self.store, self.teacher, lambda x: normalize(x, self.spec), images, task, self.device)
 

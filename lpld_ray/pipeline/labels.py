@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from lpld_ray.config import RelabelConfig
 from lpld_ray.errors import StorageError
+from lpld_ray.method.prune import select_views, view_scores
 from lpld_ray.method.rng import SAMPLER_VERSION
-from lpld_ray.method.views import ViewParams, compose_view, images_needed
+from lpld_ray.method.views import ViewParams, compose_view, images_needed, plan_views, view_counts
 from lpld_ray.store.label_table import (
     LABEL_SCHEMA_VERSION,
     epoch_order,
@@ -89,6 +90,8 @@ class RelabelTask:
     seed: int
     num_classes: int
     inputs: str = ""
+    ipc: int = 0  # images per class: an image's class is image_id // ipc (metric pruning)
+    keep: dict[int, int] | None = None  # metric pruning: views to keep per image, of all E given; None: keep all
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_ids", tuple(int(i) for i in self.image_ids))
@@ -101,9 +104,28 @@ class RelabelTask:
         """The shard's own images and its views' CutMix partners: the images relabel_shard needs."""
         return images_needed(self.image_ids, self.views)
 
-    def views_per_image(self) -> dict[int, int]:
-        """How many views each image of the shard keeps."""
-        return dict(Counter(v.image_id for v in self.views))
+
+def relabel_task(shard: str, image_ids: list[int], cfg: RelabelConfig, seed: int, ipc: int, num_classes: int,
+                 size: int, inputs: str = "") -> RelabelTask:
+    """One shard's relabel task. Random pruning: each image's seeded view count (view_counts over the run's
+    images), its views 0..n-1 drawn once. Metric pruning: all E views of each image, and how many of them to keep."""
+    counts = view_counts(num_classes * ipc, cfg.epochs, cfg.compression, seed)
+    if cfg.prune_by == "random":
+        return RelabelTask(shard, tuple(image_ids), tuple(plan_views(seed, image_ids, counts, cfg, size)), cfg, seed,
+                           num_classes, inputs, ipc)
+    every = torch.full_like(counts, cfg.epochs)
+    return RelabelTask(shard, tuple(image_ids), tuple(plan_views(seed, image_ids, every, cfg, size)), cfg, seed,
+                       num_classes, inputs, ipc, keep={i: int(counts[i]) for i in image_ids})
+
+
+def pruned_by_metric(task: RelabelTask, views: list[ViewParams], logits: Tensor) -> list[int]:
+    """The positions of the views ``task.keep`` asks for, by the teacher's score of each (method.prune)."""
+    image_class = torch.tensor([v.image_id // task.ipc for v in views], dtype=torch.int64)
+    partner_class = torch.tensor([v.partner_id // task.ipc if v.mix == 1 else -1 for v in views], dtype=torch.int64)
+    lam = torch.tensor([v.lam for v in views])
+    scores = view_scores(logits, task.cfg.prune_by, image_class, partner_class, lam)
+    return select_views(scores, [v.image_id for v in views], [v.view_id for v in views], task.keep or {},
+                        easy=task.cfg.prune_keep == "easy")
 
 
 def relabel_shard(
@@ -141,7 +163,10 @@ def relabel_shard(
         teacher.train(was_training)
     logits = torch.cat(outputs) if outputs else torch.empty(0, task.num_classes, dtype=torch.float16)
     views = list(task.views)
-    order, row_groups = epoch_order(views, task.views_per_image())
+    if task.keep is not None:  # metric pruning: every view was scored, only the kept ones are stored
+        kept = pruned_by_metric(task, views, logits)
+        views, logits = [views[j] for j in kept], logits[kept]
+    order, row_groups = epoch_order(views, Counter(v.image_id for v in views))
     table = records_to_table([views[j] for j in order], logits[order], task.num_classes, SAMPLER_VERSION,
                              task.cfg.topk)
     data = table_to_parquet(table, row_groups)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 
 import numpy as np
@@ -104,10 +105,20 @@ def records_to_table(views: list, logits: Tensor, num_classes: int, sampler_vers
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def view_ranks(views: list) -> list[int]:
+    """Each view's place among its image's views in view_id order: its view_id when the image keeps views 0..n-1
+    (random pruning); metric pruning keeps other view_ids."""
+    ranks, seen = [0] * len(views), Counter()
+    for j in sorted(range(len(views)), key=lambda j: (views[j].image_id, views[j].view_id)):
+        ranks[j] = seen[views[j].image_id]
+        seen[views[j].image_id] += 1
+    return ranks
+
+
 def epoch_order(views: list, counts: Tensor | Mapping[int, int]) -> tuple[list[int], list[int]]:
-    """Row order (by views of the image, view_id, image_id) and the row group sizes of equal (views, view_id):
+    """Row order (by views of the image, view rank, image_id) and the row group sizes of equal (views, rank):
     epoch e of view cycling uses view e % n of each image, so it reads one row group per distinct n of a shard."""
-    keys = [(int(counts[v.image_id]), v.view_id) for v in views]
+    keys = [(int(counts[v.image_id]), rank) for v, rank in zip(views, view_ranks(views))]
     order = sorted(range(len(views)), key=lambda j: (*keys[j], views[j].image_id))
     sizes: list[int] = []
     for previous, j in zip([None, *order], order):
