@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lpld_ray.data.datasets import load_dataset
-from lpld_ray.data.pool import ImageSource, LabelPool, LabelShards
+from lpld_ray.data.label_shards import LabelShards
+from lpld_ray.data.pool import ImageSource, LabelPool
 from lpld_ray.method.images import normalize
 from lpld_ray.method.kd import SoftTargetKLLoss
 from lpld_ray.method.models import build_model

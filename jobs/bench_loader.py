@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lpld_ray.config_io import load_config
-from lpld_ray.data.pool import ImageSource, LabelPool, LabelShards
+from lpld_ray.data.label_shards import LabelShards
+from lpld_ray.data.pool import ImageSource, LabelPool
 from lpld_ray.machine import describe_machine
 from lpld_ray.method.kd import SoftTargetKLLoss  # noqa
 from lpld_ray.method.models import build_model

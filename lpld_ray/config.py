@@ -47,6 +47,7 @@ SmoothingOn = Literal["probabilities", "logits"]
 TemperatureKind = Literal["constant", "step", "cosine"]
 PruneBy = Literal["random", "confidence", "diff", "diff_signed", "cut_ratio", "correct"]
 PruneKeep = Literal["easy", "hard"]
+ViewParamsKind = Literal["stored", "seeded"]
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
 BATCHING_MODES: tuple[str, ...] = typing.get_args(Batching)
 DATASETS: tuple[str, ...] = typing.get_args(Dataset)
@@ -232,7 +233,14 @@ class RelabelConfig(_Model):
     topk: Int | None = Field(None, ge=1, description="null (every logit) or an integer >= 1")  # LPQLD's MR-k
     prune_by: PruneBy = "random"  # else score all E views of an image by the teacher and keep its best (Table 5)
     prune_keep: PruneKeep = "easy"  # easy: the highest scores; hard: the lowest
+    params: ViewParamsKind = "stored"  # seeded: no ids or augmentation parameters stored, redrawn from the seed
     batch_size: Int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _seeded_views_are_random(self) -> RelabelConfig:
+        require(self.params == "stored" or self.prune_by == "random", "relabel.params", self.params,
+                "stored, or seeded with relabel.prune_by random (metric pruning keeps views the seed cannot name)")
+        return self
 
 
 class TrainConfig(_Model):

@@ -15,9 +15,9 @@ import torch
 from test_labels import IPC, Recorder, make_images, tiny_teacher
 
 from lpld_ray.config_io import load_config
-from lpld_ray.method.views import image_id_of, plan_views, view_counts
+from lpld_ray.method.views import image_id_of, view_counts
 from lpld_ray.pipeline.export import class_folders, known_class_names, safe_folder_name
-from lpld_ray.pipeline.labels import RelabelTask, relabel_shard
+from lpld_ray.pipeline.labels import relabel_shard, relabel_task
 from lpld_ray.pipeline.shards import plan_class_shards
 from lpld_ray.store.codecs import encode_png
 from lpld_ray.store.label_table import label_schema
@@ -48,8 +48,8 @@ EXPORT = load_script("jobs/export.py")
 class TinyRun:
     """A finished tiny run on disk, and what the teacher saw for every view."""
 
-    def __init__(self, root: Path, dataset: str = "fashion_mnist") -> None:
-        self.root, self.cfg = root, load_config(None, [f"data.name={dataset}", *OVERRIDES])
+    def __init__(self, root: Path, dataset: str = "fashion_mnist", extra: tuple[str, ...] = ()) -> None:
+        self.root, self.cfg = root, load_config(None, [f"data.name={dataset}", *OVERRIDES, *extra])
         side = SIDE[dataset]
         self.images = make_images(classes=CLASSES, ipc=IPC, side=side)
         self.seen: dict[tuple[int, int], torch.Tensor] = {}
@@ -67,11 +67,10 @@ class TinyRun:
         teacher = tiny_teacher(CLASSES)
         for shard in self.shards:
             ids = [image_id_of(c, i, IPC) for c in shard.class_ids for i in range(IPC)]
-            views = plan_views(self.cfg.seed, ids, counts, relabel, side)
+            task = relabel_task(shard.name, ids, relabel, self.cfg.seed, IPC, CLASSES, side)
             recorder = Recorder()
-            task = RelabelTask(shard.name, tuple(ids), tuple(views), relabel, self.cfg.seed, CLASSES)
             relabel_shard(store, teacher, recorder, self.images, task, "cpu")
-            self.seen.update(zip([(v.image_id, v.view_id) for v in views], recorder.seen()))
+            self.seen.update(zip([(v.image_id, v.view_id) for v in task.views], recorder.seen()))
         self.records = int(counts.sum())
 
     def stored_png(self, image_id: int) -> bytes:
@@ -151,6 +150,27 @@ def test_the_parquet_holds_every_record_with_its_file(tiny_run, exported):
     for record in stored:  # the records themselves unchanged
         assert {k: v for k, v in by_key[(record["image_id"], record["view_id"])].items() if k != "file"} == record
     assert any(r["mix"] == 1 for r in rows)
+
+
+def test_a_seeded_top_k_pool_exports_its_views_drawn_again(tiny_run, exported, tmp_path, monkeypatch):
+    seeded = TinyRun(tmp_path / "run", extra=("relabel.params=seeded", "relabel.topk=2"))
+    assert "image_id" not in pq.read_schema(seeded.root / LABELS_STAGE / "shard-00001" / LABELS_OBJECT).names
+    assert EXPORT.main(["--run-dir", str(seeded.root), "--to", str(tmp_path / "out")]) == 0
+    table = pq.read_table(tmp_path / "out" / "labels.parquet")
+    assert table.column_names == [*label_schema(CLASSES, topk=2).names, "file"]
+    reference = pq.read_table(exported / "labels.parquet")
+    params = [n for n in reference.column_names if n != "logits"]
+    assert table.select(params).equals(reference.select(params))  # the same views, ids and files as a stored pool
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "topk = 2" in readme and "`classes`" in readme
+    namespace: dict = {}
+    monkeypatch.chdir(tmp_path / "out")
+    exec(python_block(readme), namespace)  # its example lines run too
+    row = table.slice(0, 1).to_pylist()[0]
+    logits = torch.full((CLASSES,), float("-inf"))
+    logits[row["classes"]] = torch.tensor(row["logits"], dtype=torch.float32)
+    assert torch.allclose(namespace["kd_target"](row), torch.softmax(logits / 3.0, dim=0))
+    assert int((namespace["kd_target"](row) == 0).sum()) == CLASSES - 2
 
 
 def test_the_readme_describes_every_column_and_the_run(exported):

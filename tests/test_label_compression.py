@@ -202,3 +202,36 @@ def test_metric_pruning_stores_each_images_best_views_and_the_pool_serves_them(t
         assert kept == sorted(ranked[:2])  # the 2 of 8 views the teacher is most (least) sure of
         for v in kept:
             assert torch.equal(logits_of["pruned"][(image, v)], logits_of["full"][(image, v)])
+
+
+@pytest.mark.parametrize("mix, fill", [("cutmix", "zero"), ("cutout", "random")])
+def test_seeded_pool_stores_only_logits_and_rebuilds_the_stored_views_bit_for_bit(tmp_path, mix, fill):
+    cfg = RelabelConfig(epochs=5, compression=2, mix=mix, cutout_fill=fill, batch_size=7, crop_scale=(0.3, 1.0))
+    stored_store, stored_meta, *_ = relabelled(tmp_path / "stored", cfg)
+    seeded_store, seeded_meta, *_ = relabelled(tmp_path / "seeded", cfg.model_copy(update={"params": "seeded"}))
+    assert seeded_meta["records"] == stored_meta["records"] and seeded_meta["aug_bytes"] == 0
+    assert seeded_meta["logit_bytes"] == stored_meta["logit_bytes"] == seeded_meta["records"] * CLASSES * 2
+    assert seeded_meta["parquet_bytes"] < stored_meta["parquet_bytes"]
+    stored = list(pool_items(open_pool(stored_store), cfg.epochs))
+    seeded = list(pool_items(open_pool(seeded_store), cfg.epochs))
+    assert len(seeded) == len(stored) == cfg.epochs * IPC
+    for (_, x1, y1, v1), (_, x2, y2, v2) in zip(stored, seeded):
+        assert v1 == v2 and torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_seeded_views_need_random_pruning_and_the_same_sampler(tmp_path):
+    with pytest.raises(ConfigError, match="relabel.params"):
+        load_config("jobs/configs/fashion_mnist.yaml", ["relabel.params=seeded", "relabel.prune_by=confidence"])
+    cfg = RelabelConfig(epochs=2, mix="cutmix", params="seeded", batch_size=8)
+    store, *_ = relabelled(tmp_path, cfg)
+    path = tmp_path / "run" / "labels" / "shard-00001" / "labels.parquet"
+    import pyarrow.parquet as pq
+
+    from lpld_ray.store.label_table import SAMPLER_KEY, table_to_parquet
+
+    table = pq.read_table(path)
+    path.write_bytes(table_to_parquet(table.replace_schema_metadata({**table.schema.metadata, SAMPLER_KEY: b"99"})))
+    from lpld_ray.errors import StorageError
+
+    with pytest.raises(StorageError, match="seeded by view sampler version 99"):
+        open_pool(store).set_epoch(0)

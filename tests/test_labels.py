@@ -23,6 +23,7 @@ from lpld_ray.pipeline.labels import (
     current_labels,
     read_label_shard,
     relabel_shard,
+    relabel_task,
 )
 from lpld_ray.store.label_table import (
     LABEL_SCHEMA_VERSION,
@@ -82,8 +83,11 @@ def relabel(tmp_path, cfg: RelabelConfig, ids: list[int], images=None, teacher=N
     rec = Recorder()
     store = Store(str(tmp_path / "run"))
     counts = view_counts(num_images or len(images), cfg.epochs, cfg.compression, seed)
-    views = plan_views(seed, ids, counts, cfg, int(next(iter(images.values())).shape[-1]))
-    task = RelabelTask(shard, tuple(ids), tuple(views), cfg, seed, CLASSES)
+    size = int(next(iter(images.values())).shape[-1])
+    if num_images is None and (cfg.params == "seeded" or cfg.prune_by != "random"):  # as the shard actor does
+        task = relabel_task(shard, ids, cfg, seed, len(images) // CLASSES, CLASSES, size)
+    else:
+        task = RelabelTask(shard, tuple(ids), tuple(plan_views(seed, ids, counts, cfg, size)), cfg, seed, CLASSES)
     meta = relabel_shard(store, teacher, rec, images, task, "cpu")
     return store, meta, rec, images, counts
 

@@ -21,7 +21,8 @@ from test_labels import (
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lpld_ray.config import RelabelConfig
-from lpld_ray.data.pool import ImageSource, LabelPool, LabelShards, ShardSampler
+from lpld_ray.data.label_shards import LabelShards
+from lpld_ray.data.pool import ImageSource, LabelPool, ShardSampler
 from lpld_ray.errors import StorageError
 from lpld_ray.method.views import compose_view, image_id_of, sample_view
 from lpld_ray.pipeline.estimate import label_record_bytes
@@ -242,7 +243,7 @@ def test_an_unknown_label_schema_version_is_refused_by_the_loader(tmp_path):
 
 
 def test_split_or_duplicate_views_are_refused(tmp_path):
-    from lpld_ray.data.pool import build_index
+    from lpld_ray.data.label_shards import build_index
 
     ok = build_index({"a": (np.array([0, 0, 1]), np.array([1, 0, 0])), "b": (np.array([2]), np.array([0]))})
     assert ok.counts.tolist() == [2, 1, 1] and ok.rows_of(0).tolist() == [1, 0]

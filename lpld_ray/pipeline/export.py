@@ -23,6 +23,7 @@ from lpld_ray.config_io import config_from_dict
 from lpld_ray.data.base import image_spec
 from lpld_ray.data.datasets import FASHION_CLASSES
 from lpld_ray.data.folder import folder_classes, open_folder
+from lpld_ray.data.seeded import expanded
 from lpld_ray.errors import LpldError, StorageError
 from lpld_ray.pipeline.export_readme import FILE_COLUMN, readme_text
 from lpld_ray.pipeline.shards import plan_class_shards
@@ -216,8 +217,8 @@ def write_labels(run: RunContents, files: dict[int, str], path: Path) -> tuple[i
     records, labelled = 0, set()
     try:
         for shard, manifest in run.labels.items():
-            table = with_files(read_label_table(read_object(run.store, LABELS_STAGE, shard, LABELS_OBJECT, manifest)),
-                               files, shard)
+            stored = read_label_table(read_object(run.store, LABELS_STAGE, shard, LABELS_OBJECT, manifest))
+            table = with_files(expanded(stored), files, shard)  # a seeded pool's views drawn again
             if writer is None:
                 writer = pq.ParquetWriter(path, table.schema, compression="zstd")
             elif not table.schema.equals(writer.schema):

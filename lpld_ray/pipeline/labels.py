@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lpld_ray.config import RelabelConfig
+from lpld_ray.data.seeded import seeded_json
 from lpld_ray.errors import StorageError
 from lpld_ray.method.prune import select_views, view_scores
 from lpld_ray.method.rng import SAMPLER_VERSION
@@ -92,6 +93,7 @@ class RelabelTask:
     inputs: str = ""
     ipc: int = 0  # images per class: an image's class is image_id // ipc (metric pruning)
     keep: dict[int, int] | None = None  # metric pruning: views to keep per image, of all E given; None: keep all
+    seeded: str | None = None  # relabel.params seeded: the JSON that regenerates the views (data.seeded)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_ids", tuple(int(i) for i in self.image_ids))
@@ -111,8 +113,9 @@ def relabel_task(shard: str, image_ids: list[int], cfg: RelabelConfig, seed: int
     images), its views 0..n-1 drawn once. Metric pruning: all E views of each image, and how many of them to keep."""
     counts = view_counts(num_classes * ipc, cfg.epochs, cfg.compression, seed)
     if cfg.prune_by == "random":
+        seeded = seeded_json(seed, len(counts), size, image_ids, cfg) if cfg.params == "seeded" else None
         return RelabelTask(shard, tuple(image_ids), tuple(plan_views(seed, image_ids, counts, cfg, size)), cfg, seed,
-                           num_classes, inputs, ipc)
+                           num_classes, inputs, ipc, seeded=seeded)
     every = torch.full_like(counts, cfg.epochs)
     return RelabelTask(shard, tuple(image_ids), tuple(plan_views(seed, image_ids, every, cfg, size)), cfg, seed,
                        num_classes, inputs, ipc, keep={i: int(counts[i]) for i in image_ids})
@@ -168,7 +171,7 @@ def relabel_shard(
         views, logits = [views[j] for j in kept], logits[kept]
     order, row_groups = epoch_order(views, Counter(v.image_id for v in views))
     table = records_to_table([views[j] for j in order], logits[order], task.num_classes, SAMPLER_VERSION,
-                             task.cfg.topk)
+                             task.cfg.topk, task.seeded)
     data = table_to_parquet(table, row_groups)
     writer = ShardWriter(store, LABELS_STAGE, task.shard)
     writer.put(LABELS_OBJECT, data)

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lpld_ray.config import DataConfig, TrainConfig
 from lpld_ray.data.datasets import load_dataset
-from lpld_ray.data.pool import ImageSource, LabelPool, LabelShards, ShardSampler
+from lpld_ray.data.label_shards import LabelShards
+from lpld_ray.data.pool import ImageSource, LabelPool, ShardSampler
 from lpld_ray.method.kd import SoftTargetKLLoss, TemperatureSchedule
 from lpld_ray.method.models import build_model, save_weights_bytes
 from lpld_ray.method.rng import sampler_seed

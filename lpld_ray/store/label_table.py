@@ -25,6 +25,9 @@ NUM_CLASSES_KEY = b"num_classes"
 SAMPLER_KEY = b"lpld_sampler_version"  # the version of the seeded sampler that drew the views (lpld_ray.method.rng)
 
 
+SEEDED_KEY = b"lpld_seeded_views"  # relabel.params seeded: the JSON that regenerates the views (no param columns)
+
+
 TOPK_KEY = b"lpld_topk"  # logits stored per record: the class count, or k of relabel.topk (with a classes column)
 
 
@@ -41,26 +44,38 @@ def class_index_type(num_classes: int) -> pa.DataType:
     return pa.uint32()
 
 
-def label_schema(num_classes: int, sampler_version: int | None = None, topk: int | None = None) -> pa.Schema:
+BOX = pa.list_(pa.int16(), 4)
+PARAM_FIELDS = [  # a view's ids and augmentation parameters: the columns a seeded pool does not store
+    ("image_id", pa.int64()), ("view_id", pa.int32()), ("crop", BOX), ("flip", pa.bool_()),
+    ("mix", pa.int8()), ("partner_id", pa.int64()), ("partner_crop", BOX), ("partner_flip", pa.bool_()),
+    ("mix_box", BOX), ("lam", pa.float32()), ("fill", pa.list_(pa.uint8(), 3)),
+]
+
+
+def label_schema(num_classes: int, sampler_version: int | None = None, topk: int | None = None,
+                 seeded: str | None = None) -> pa.Schema:
     """The versioned Arrow schema of a label record; logits are fp16 (Parquet FLOAT16), all of them or the ``topk``
     largest with their class indices (``classes``, largest first); the metadata records the schema version, the
     class count, the logits per record and ``sampler_version``, the version of the sampler that drew the views
-    (None: left out, for sizing a record only; check_label_schema refuses a table without it)."""
+    (None: left out, for sizing a record only; check_label_schema refuses a table without it). A ``seeded`` table
+    stores no ids or parameters, only what regenerates them (JSON: seed, images, the relabel settings)."""
     stored = stored_logits(num_classes, topk)
-    box = pa.list_(pa.int16(), 4)
-    fields = [
-        ("image_id", pa.int64()), ("view_id", pa.int32()), ("crop", box), ("flip", pa.bool_()),
-        ("mix", pa.int8()), ("partner_id", pa.int64()), ("partner_crop", box), ("partner_flip", pa.bool_()),
-        ("mix_box", box), ("lam", pa.float32()), ("fill", pa.list_(pa.uint8(), 3)),
-        ("logits", pa.list_(pa.float16(), stored)),
-    ]
+    fields = [*([] if seeded else PARAM_FIELDS), ("logits", pa.list_(pa.float16(), stored))]
     if stored < num_classes:
         fields.append(("classes", pa.list_(class_index_type(num_classes), stored)))
     meta = {VERSION_KEY: str(LABEL_SCHEMA_VERSION).encode(), NUM_CLASSES_KEY: str(int(num_classes)).encode(),
             TOPK_KEY: str(stored).encode()}
     if sampler_version is not None:
         meta[SAMPLER_KEY] = str(int(sampler_version)).encode()
+    if seeded:
+        meta[SEEDED_KEY] = seeded.encode()
     return pa.schema([pa.field(n, t, nullable=False) for n, t in fields], metadata=meta)
+
+
+def seeded_views_of(schema: pa.Schema) -> str | None:
+    """What regenerates a seeded table's views (JSON), or None for a table that stores them."""
+    found = (schema.metadata or {}).get(SEEDED_KEY)
+    return found.decode() if found else None
 
 
 def _boxes(boxes: list) -> pa.Array:
@@ -76,18 +91,8 @@ def top_logits(logits: Tensor, topk: int) -> tuple[Tensor, Tensor]:
     return logits.gather(1, order), order
 
 
-def records_to_table(views: list, logits: Tensor, num_classes: int, sampler_version: int,
-                     topk: int | None = None) -> pa.Table:
-    """One row per view, with the teacher's fp16 output [len(views), num_classes] for it (all of it, or its
-    ``topk`` largest values and their classes); the views were drawn by sampler ``sampler_version``."""
-    if tuple(logits.shape) != (len(views), num_classes):
-        raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit {len(views)} views x {num_classes} classes")
-    stored = stored_logits(num_classes, topk)
-    logits = logits.detach().to("cpu", torch.float16)
-    classes = None
-    if stored < num_classes:
-        logits, classes = top_logits(logits, stored)
-    flat = logits.contiguous().numpy().reshape(-1)
+def param_table(views: list) -> pa.Table:
+    """The ids and augmentation parameters of ``views``, one row each (PARAM_FIELDS)."""
     columns = [
         pa.array([v.image_id for v in views], pa.int64()), pa.array([v.view_id for v in views], pa.int32()),
         _boxes([v.crop for v in views]), pa.array([v.flip for v in views], pa.bool_()),
@@ -96,9 +101,26 @@ def records_to_table(views: list, logits: Tensor, num_classes: int, sampler_vers
         _boxes([v.mix_box for v in views]), pa.array([v.lam for v in views], pa.float32()),
         pa.FixedSizeListArray.from_arrays(pa.array(np.array([v.fill for v in views], dtype=np.uint8).reshape(-1),
                                                    pa.uint8()), 3),
-        pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), stored),
     ]
-    schema = label_schema(num_classes, sampler_version, topk)
+    return pa.Table.from_arrays(columns, schema=pa.schema([pa.field(n, t, nullable=False) for n, t in PARAM_FIELDS]))
+
+
+def records_to_table(views: list, logits: Tensor, num_classes: int, sampler_version: int,
+                     topk: int | None = None, seeded: str | None = None) -> pa.Table:
+    """One row per view, with the teacher's fp16 output [len(views), num_classes] for it (all of it, or its
+    ``topk`` largest values and their classes); the views were drawn by sampler ``sampler_version``. ``seeded``:
+    the views' ids and parameters are not stored, only ``seeded`` (the JSON that regenerates them, in this order)."""
+    if tuple(logits.shape) != (len(views), num_classes):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit {len(views)} views x {num_classes} classes")
+    stored = stored_logits(num_classes, topk)
+    logits = logits.detach().to("cpu", torch.float16)
+    classes = None
+    if stored < num_classes:
+        logits, classes = top_logits(logits, stored)
+    schema = label_schema(num_classes, sampler_version, topk, seeded)
+    columns = [] if seeded else param_table(views).columns
+    columns.append(pa.FixedSizeListArray.from_arrays(pa.array(logits.contiguous().numpy().reshape(-1), pa.float16()),
+                                                     stored))
     if classes is not None:
         kind = schema.field("classes").type.value_type
         columns.append(pa.FixedSizeListArray.from_arrays(pa.array(classes.numpy().reshape(-1), kind), stored))
