@@ -88,7 +88,7 @@ def test_plan_lines_cover_every_stage():
     for fragment in ("523 class shards", "104,500 images", "labels at 1x: 611.79 GiB, 1/1.0 of the full 1x pool",
                      "labels at 40x: 15.29 GiB, 1/40.0 of the full 1x pool  <- this run",
                      "20,954 B per stored view (every logit: logits 20,900 B + class indices 0 B + ids and "
-                     "augmentation parameters 54 B)",
+                     "augmentation parameters 54 B, stored)",
                      "512 data partitions", "peak memory per worker", "actors: 8 on cluster",
                      "train loader per worker (bound): 2.03 GiB", "one epoch's records 522.06 MiB",
                      "global batch 32 (8 per worker)", "images ~1.46 GiB (JPEG)"):

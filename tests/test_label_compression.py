@@ -143,6 +143,11 @@ def test_plan_counts_top_k_logits_and_their_indices():
                                                             "relabel.topk=100"])
     text = "\n".join(plan_lines(cfg, dataset_shape(cfg.data), "8"))
     assert "454 B per stored view (the top 100 logits: logits 200 B + class indices 200 B" in text
+    seeded = load_config("jobs/configs/imagenet1k_rn18.yaml", ["recover.ipc=10", "relabel.compression=10",
+                                                               "relabel.topk=100", "relabel.params=seeded"])
+    seeded_text = "\n".join(plan_lines(seeded, dataset_shape(seeded.data), "8"))
+    assert "400 B per stored view (the top 100 logits: logits 200 B + class indices 200 B + ids and augmentation " \
+           "parameters 0 B, seeded, not stored)" in seeded_text
     full = 10_000 * 300 * (2000 + 54)
     assert f"labels at 10x: 129.89 MiB, 1/{full / (300_000 * 454):,.1f} of the full 1x pool  <- this run" in text
 

@@ -26,7 +26,6 @@ from lpld_ray.store.layout import (
 from lpld_ray.store.manifest import Manifest, list_shards, read_manifest, read_object
 from lpld_ray.store.storage import Store
 
-
 BOX_FIELDS = ("crop", "partner_crop", "mix_box")
 
 

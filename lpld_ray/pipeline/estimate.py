@@ -72,16 +72,16 @@ def human(size: float) -> str:
     raise AssertionError("unreachable")
 
 
-def label_record_parts(num_classes: int, topk: int | None = None) -> dict[str, int]:
+def label_record_parts(num_classes: int, topk: int | None = None, seeded: bool = False) -> dict[str, int]:
     """One stored view's bytes in the paper's terms: fp16 logits (all, or the top k), their class indices (top-k
-    only) and the ids and augmentation parameters, as the Parquet schema stores them."""
+    only) and the ids and augmentation parameters (none when ``seeded``), as the Parquet schema stores them."""
     parts = row_bytes(label_schema(num_classes, topk=topk))
-    return {"logits": parts["logits"], "index": parts["classes"], "aug": parts["aug"]}
+    return {"logits": parts["logits"], "index": parts["classes"], "aug": 0 if seeded else parts["aug"]}
 
 
-def label_record_bytes(num_classes: int, topk: int | None = None) -> int:
+def label_record_bytes(num_classes: int, topk: int | None = None, seeded: bool = False) -> int:
     """One stored view: fp16 logits (all or the top k), their class indices and the augmentation parameters."""
-    return sum(label_record_parts(num_classes, topk).values())
+    return sum(label_record_parts(num_classes, topk, seeded).values())
 
 
 def label_records(num_images: int, epochs: int, compression: float) -> int:
@@ -89,9 +89,17 @@ def label_records(num_images: int, epochs: int, compression: float) -> int:
     return max(num_images, kept_views(num_images, epochs, compression))
 
 
-def label_bytes(num_images: int, epochs: int, compression: float, num_classes: int, topk: int | None = None) -> int:
+def label_bytes(num_images: int, epochs: int, compression: float, num_classes: int, topk: int | None = None,
+                seeded: bool = False) -> int:
     """Label storage at compression k: one record per kept view."""
-    return label_records(num_images, epochs, compression) * label_record_bytes(num_classes, topk)
+    return label_records(num_images, epochs, compression) * label_record_bytes(num_classes, topk, seeded)
+
+
+def run_label_bytes(cfg: Config, num_images: int, num_classes: int, compression: float | None = None) -> int:
+    """The label storage of this run's relabel settings (at ``compression``, else the run's own)."""
+    r = cfg.relabel
+    return label_bytes(num_images, r.epochs, r.compression if compression is None else compression, num_classes,
+                       r.topk, r.params == "seeded")
 
 
 def image_bytes(num_images: int, channels: int, size: int, image_format: str = "png") -> int:
@@ -121,7 +129,7 @@ def loader_memory(cfg: Config, shape: DatasetShape) -> LoaderMemory:
     per_rank = -(-images // cfg.train.num_workers)
     sample = shape.channels * shape.size ** 2 * 4 + shape.num_classes * 4
     in_flight = 1 + 2 * cfg.train.loader_workers
-    record = label_record_bytes(shape.num_classes, cfg.relabel.topk)
+    record = label_record_bytes(shape.num_classes, cfg.relabel.topk, cfg.relabel.params == "seeded")
     row_group = cfg.runner.class_shard_size * cfg.recover.ipc * record  # one view slot of one class shard
     return LoaderMemory(36 * images + 4 * views, per_rank * record, cfg.train.image_cache_mb << 20,
                         in_flight * per_worker_batch(cfg.train.batch_size, cfg.train.num_workers) * sample,
@@ -203,11 +211,12 @@ def squeeze_sum_bytes(cfg: Config, shape: DatasetShape) -> int:
 
 def relabel_line(cfg: Config, shape: DatasetShape, shards: int) -> str:
     """The plan's relabel line: what one stored view costs, in the paper's terms."""
-    parts = label_record_parts(shape.num_classes, cfg.relabel.topk)
+    parts = label_record_parts(shape.num_classes, cfg.relabel.topk, cfg.relabel.params == "seeded")
     kept = "every logit" if parts["index"] == 0 else f"the top {cfg.relabel.topk} logits"
+    params = "seeded, not stored" if cfg.relabel.params == "seeded" else "stored"
     return (f"relabel: {shards} class shards, {cfg.relabel.epochs} epochs of views, {sum(parts.values()):,} B per "
             f"stored view ({kept}: logits {parts['logits']:,} B + class indices {parts['index']:,} B + "
-            f"ids and augmentation parameters {parts['aug']:,} B)")
+            f"ids and augmentation parameters {parts['aug']:,} B, {params})")
 
 
 def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
@@ -233,7 +242,7 @@ def plan_lines(cfg: Config, shape: DatasetShape, actors: str) -> list[str]:
     ]
     full = label_bytes(images, cfg.relabel.epochs, 1, shape.num_classes)  # the 1x pool of every logit
     for k in sorted({*COMPRESSIONS, cfg.relabel.compression}):
-        size = label_bytes(images, cfg.relabel.epochs, k, shape.num_classes, cfg.relabel.topk)
+        size = run_label_bytes(cfg, images, shape.num_classes, k)
         mark = "  <- this run" if k == cfg.relabel.compression else ""
         lines.append(f"  labels at {k:g}x: {human(size)}, 1/{full / size:,.1f} of the full 1x pool{mark}")
     lines += [

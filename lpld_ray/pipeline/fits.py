@@ -12,7 +12,7 @@ from pathlib import Path
 from lpld_ray.config import Config
 from lpld_ray.config_io import replace
 from lpld_ray.errors import LpldError
-from lpld_ray.pipeline.estimate import DatasetShape, human, image_bytes, label_bytes, loader_memory, peak_memory
+from lpld_ray.pipeline.estimate import DatasetShape, human, image_bytes, loader_memory, peak_memory, run_label_bytes
 from lpld_ray.store.layout import IMAGES_STAGE, LABELS_STAGE
 
 log = logging.getLogger(__name__)
@@ -94,9 +94,7 @@ def check_disk(cfg: Config, shape: DatasetShape, stages: list[str], free: int | 
     images = shape.num_classes * cfg.recover.ipc
     parts = {"images": image_bytes(images, shape.channels, shape.size) - stored_bytes(where, IMAGES_STAGE)
              if "recover" in stages else 0,
-             f"labels at {cfg.relabel.compression:g}x": label_bytes(images, cfg.relabel.epochs,
-                                                                   cfg.relabel.compression, shape.num_classes,
-                                                                   cfg.relabel.topk)
+             f"labels at {cfg.relabel.compression:g}x": run_label_bytes(cfg, images, shape.num_classes)
              - stored_bytes(where, LABELS_STAGE) if "relabel" in stages else 0}
     parts = {name: max(0, size) for name, size in parts.items()}
     need = sum(parts.values())
