@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import resource
 import logging
 import time
 from dataclasses import dataclass, field
@@ -217,6 +218,11 @@ RUNNERS: dict[str, Callable[[StageRun], dict]] = {
 }
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int) -> dict[str, dict]:
     """Run the asked stages in table order; each does only the work whose shards do not verify."""
     ctx = StageRun(cfg, store, plan_class_shards(num_classes, cfg.runner.class_shard_size), num_classes)
@@ -225,11 +231,13 @@ def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int)
         for stage in STAGES:
             if stage.name not in stages:
                 continue
-            started = time.time()
+            started, driver_cpu = time.time(), time.process_time()
             if stage.needs_teacher(cfg):
                 ctx.load_teacher()
             ctx.summary[stage.name] = RUNNERS[stage.name](ctx)
-            ctx.summary[stage.name]["wall_seconds"] = round(time.time() - started, 2)
+            ctx.summary[stage.name].update(wall_seconds=round(time.time() - started, 2),
+                                           driver_cpu_seconds=round(time.process_time() - driver_cpu, 2),
+                                           driver_peak_rss_mib=peak_rss_mib())
             log.info("%s: done in %.1fs", stage.name, ctx.summary[stage.name]["wall_seconds"])
     finally:
         ctx.pool.release()
