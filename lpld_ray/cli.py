@@ -52,6 +52,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--stages", default=",".join(STAGE_NAMES), help=f"comma-separated subset of {','.join(STAGE_NAMES)}")
     parser.add_argument("--force-new", action="store_true",
                         help="delete this run directory's run.yaml and stage outputs and start over")
+    parser.add_argument("--verify", action="store_true",
+                        help="also read back every object of the shards the asked stages find committed (size, "
+                             "sha256) and redo the damaged ones; without it only manifests decide what is done, and "
+                             "each object is checked by the worker that reads it")
     parser.add_argument("--plan", action="store_true",
                         help="check the input, print work units, storage and memory estimates; run nothing")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -196,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("--force-new: deleted the %d objects of the earlier run at %s", removed, store.root)
         if not resuming:
             write_run_record(store, cfg)
-        summary = run_pipeline(cfg, store, stages, shape.num_classes)
+        summary = run_pipeline(cfg, store, stages, shape.num_classes, args.verify)
     except LpldError as err:
         log.error("%s", err)
         return 2

@@ -254,7 +254,7 @@ def test_an_altered_image_is_refused_and_nothing_is_left_behind(tiny_run, tmp_pa
     png = run / IMAGES_STAGE / "shard-00001" / image_object_name(2, 1)
     png.write_bytes(png.read_bytes()[:-1] + b"\0")
     (tmp_path / "out").mkdir()  # an empty destination is allowed, and stays empty
-    refused(export(["--run-dir", str(run), "--to", str(tmp_path / "out")]), "does not match its manifest sha256")
+    refused(export(["--run-dir", str(run), "--to", str(tmp_path / "out")]), "00002_0001.png: sha256 mismatch")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"] and not any((tmp_path / "out").iterdir())
 
 

@@ -191,8 +191,9 @@ def test_train_worker_kill_and_job_stop_both_resume_from_checkpoints(ray_cluster
 
 def test_partial_and_corrupt_shards_alone_are_redone_and_never_trained_on(ray_cluster, finished_run, tmp_path):
     """A copy of the finished run with one images shard cut off before its commit, a truncated image object, a label
-    object with a flipped byte and a stats manifest that is not JSON: a re-run names each, redoes those shards alone
-    (to the reference's bytes) and keeps everything else, the student included."""
+    object with a flipped byte and a stats manifest that is not JSON: a re-run with --verify names each, redoes those
+    shards alone (to the reference's bytes) and keeps everything else, the student included. (Without --verify,
+    manifests alone decide what is done and each object is checked by its reader: tests/test_stages.py.)"""
     run_dir = tmp_path / "damaged"
     args = finished_run.copy_to(run_dir)
     store = Store(str(run_dir))
@@ -206,7 +207,7 @@ def test_partial_and_corrupt_shards_alone_are_redone_and_never_trained_on(ray_cl
     labels.write_bytes(bytes(data))
     (run_dir / "stats" / "shard-00003" / MANIFEST_NAME).write_text("{not json")
     before = tree_snapshot(run_dir)
-    out, summary = submit_ok(ray_cluster, args)
+    out, summary = submit_ok(ray_cluster, [*args, "--verify"])
     assert "images/shard-00002/00002_0001.png: size 40 !=" in out
     assert "labels/shard-00000/labels.parquet: sha256 mismatch" in out
     assert "manifest is not valid JSON" in out
@@ -223,13 +224,13 @@ def test_partial_and_corrupt_shards_alone_are_redone_and_never_trained_on(ray_cl
     record_fault("truncated image object", 1, True, "1 image shard", 0)
     record_fault("flipped byte in a label object", 1, True, "1 label shard", 0)
     record_fault("manifest that is not JSON", 1, True, "stats (one squeeze pass)", 0)
-    # with only the train stage asked, a corrupt label object stops the driver's train stage before any training
-    # (the start-up checks read manifests only): called here, without Ray, on the damaged run
+    # with only the train stage asked and --verify, a corrupt label object stops the driver's train stage before any
+    # training (the start-up checks read manifests only): called here, without Ray, on the damaged run
     labels.write_bytes(bytes(data))
     store.delete(f"train/model/{MANIFEST_NAME}")
     cfg = load_config(args[args.index("--config") + 1], [a for i, a in enumerate(args) if args[i - 1] == "--set"])
     with pytest.raises(LpldError, match="train will not use labels/shard-00000: .*sha256 mismatch"):
-        run_train(StageRun(cfg, store, plan_class_shards(CLASS_SHARDS, 1), CLASS_SHARDS))
+        run_train(StageRun(cfg, store, plan_class_shards(CLASS_SHARDS, 1), CLASS_SHARDS, verify=True))
     assert verify_shard(store, "train", "model") is None
 
 

@@ -235,7 +235,9 @@ def test_seeded_views_need_random_pruning_and_the_same_sampler(tmp_path):
     from lpld_ray.store.label_table import SAMPLER_KEY, table_to_parquet
 
     table = pq.read_table(path)
-    path.write_bytes(table_to_parquet(table.replace_schema_metadata({**table.schema.metadata, SAMPLER_KEY: b"99"})))
+    from test_pool import recommit_labels  # a manifest that matches: the loader's own check is what is tested
+
+    recommit_labels(store, table_to_parquet(table.replace_schema_metadata({**table.schema.metadata, SAMPLER_KEY: b"99"})))
     from lpld_ray.errors import StorageError
 
     with pytest.raises(StorageError, match="seeded by view sampler version 99"):

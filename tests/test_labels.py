@@ -190,15 +190,15 @@ def test_parquet_round_trip_and_schema_version_check(tmp_path):
 def test_a_labels_shard_of_another_schema_version_is_redone(tmp_path):
     store, meta, *_ = relabel(tmp_path, RelabelConfig(epochs=2), [0, 1], shard="shard-00000")
     inputs = meta.get("inputs", "")
-    assert current_labels(store, "shard-00000", inputs) is not None
+    assert current_labels(store, ["shard-00000"], inputs)["shard-00000"] is not None
     manifest = read_manifest(store, LABELS_STAGE, "shard-00000")
     newer = dataclasses.replace(manifest, meta={**manifest.meta, "schema_version": LABEL_SCHEMA_VERSION + 1})
     store.write_text(f"{LABELS_STAGE}/shard-00000/{MANIFEST_NAME}", newer.to_json())
     assert verify_shard(store, LABELS_STAGE, "shard-00000") is not None  # its objects are intact ...
-    assert current_labels(store, "shard-00000", inputs) is None  # ... but this lpld_ray cannot read them: redo
+    assert current_labels(store, ["shard-00000"], inputs)["shard-00000"] is None  # ... but this lpld_ray cannot read them: redo
     other = dataclasses.replace(manifest, meta={**manifest.meta, "sampler_version": SAMPLER_VERSION + 1})
     store.write_text(f"{LABELS_STAGE}/shard-00000/{MANIFEST_NAME}", other.to_json())
-    assert current_labels(store, "shard-00000", inputs) is None  # views of another sampler: redo
+    assert current_labels(store, ["shard-00000"], inputs)["shard-00000"] is None  # views of another sampler: redo
 
 
 def test_a_schema_version_1_label_shard_is_refused_with_one_line(tmp_path):
@@ -217,7 +217,7 @@ def test_a_schema_version_1_label_shard_is_refused_with_one_line(tmp_path):
     old = dataclasses.replace(manifest, meta={k: v for k, v in {**manifest.meta, "schema_version": 1}.items()
                                               if k != "sampler_version"})
     store.write_text(f"{LABELS_STAGE}/shard-00000/{MANIFEST_NAME}", old.to_json())
-    assert current_labels(store, "shard-00000", meta.get("inputs", "")) is None
+    assert current_labels(store, ["shard-00000"], meta.get("inputs", ""))["shard-00000"] is None
     with pytest.raises(LpldError) as err:
         require_label_schema(store, ["shard-00000"])
     msg = str(err.value)

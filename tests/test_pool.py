@@ -34,7 +34,7 @@ from lpld_ray.store.layout import (
     LABELS_STAGE,
     image_object_name,
 )
-from lpld_ray.store.manifest import ShardWriter
+from lpld_ray.store.manifest import CorruptShard, ShardWriter, read_manifest
 
 LABEL_REL = f"{LABELS_STAGE}/shard-00001/{LABELS_OBJECT}"
 
@@ -220,14 +220,35 @@ def test_image_cache_reads_on_demand_and_evicts_least_recent(tmp_path):
         source.get(999)
 
 
-def test_a_corrupted_label_page_fails_the_range_read_with_one_line(tmp_path):
-    store, *_ = relabelled(tmp_path, RelabelConfig(epochs=6, compression=1.0, mix="cutmix"))
+def recommit_labels(store, data: bytes) -> None:
+    """Replace the label object of shard-00001 and commit a manifest that matches it (as if it were written bad)."""
+    meta = read_manifest(store, LABELS_STAGE, "shard-00001").meta
+    writer = ShardWriter(store, LABELS_STAGE, "shard-00001")
+    writer.put(LABELS_OBJECT, data)
+    writer.commit(seed=0, meta=meta)
+
+
+def corrupt_logits_page(store) -> bytes:
     path = store.uri(LABEL_REL)
     meta = pq.ParquetFile(path).metadata
     logits = meta.row_group(0).column(meta.num_columns - 1)
     data = bytearray(open(path, "rb").read())
     data[logits.data_page_offset + logits.total_compressed_size // 2] ^= 0x10
-    open(path, "wb").write(bytes(data))
+    return bytes(data)
+
+
+def test_a_label_object_altered_after_its_commit_is_caught_at_its_first_open(tmp_path):
+    store, *_ = relabelled(tmp_path, RelabelConfig(epochs=6, compression=1.0, mix="cutmix"))
+    store.write_bytes(LABEL_REL, corrupt_logits_page(store))
+    with pytest.raises(CorruptShard, match="labels/shard-00001/labels.parquet: sha256 mismatch") as err:
+        open_pool(store)  # before any record is used
+    assert (err.value.stage, err.value.shard) == (LABELS_STAGE, "shard-00001")
+
+
+def test_a_corrupted_label_page_fails_the_range_read_with_one_line(tmp_path):
+    """Bytes bad before the commit (the manifest matches them): Parquet's page checksums still catch them."""
+    store, *_ = relabelled(tmp_path, RelabelConfig(epochs=6, compression=1.0, mix="cutmix"))
+    recommit_labels(store, corrupt_logits_page(store))
     pool = open_pool(store)  # the index reads image_id and view_id only: their pages are intact
     with pytest.raises(StorageError) as err:
         pool.set_epoch(0)
@@ -237,7 +258,7 @@ def test_a_corrupted_label_page_fails_the_range_read_with_one_line(tmp_path):
 def test_an_unknown_label_schema_version_is_refused_by_the_loader(tmp_path):
     store, *_ = relabelled(tmp_path, RelabelConfig(epochs=2))
     table = pq.read_table(store.uri(LABEL_REL))
-    store.write_bytes(LABEL_REL, table_to_parquet(table.replace_schema_metadata({**table.schema.metadata, VERSION_KEY: b"7"})))
+    recommit_labels(store, table_to_parquet(table.replace_schema_metadata({**table.schema.metadata, VERSION_KEY: b"7"})))
     with pytest.raises(StorageError, match="label shard 'shard-00001' has label schema version 7, which is not supported"):
         open_pool(store)
 

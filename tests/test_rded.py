@@ -135,10 +135,10 @@ def resume(store: Store, cfg: Config, teacher: nn.Module, real: TensorClassDatas
     """What run_recover does for RDED without Ray: every class shard without a current manifest, redone."""
     shards = plan_class_shards(real.num_classes, 2)
     done = []
+    inputs = recover_inputs(cfg, store, shards, sha)
     for shard in shards:
-        inputs = recover_inputs(cfg, store, shard, sha)
-        if current_shard(store, IMAGES_STAGE, shard.name, inputs) is None:
-            recover_shard(store, teacher, PLAIN, cfg.recover, shard, cfg.seed, "cpu", real, inputs, cfg.rded)
+        if current_shard(store, IMAGES_STAGE, shard.name, inputs[shard.name]) is None:
+            recover_shard(store, teacher, PLAIN, cfg.recover, shard, cfg.seed, "cpu", real, inputs[shard.name], cfg.rded)
             done.append(shard.name)
     return done
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from lpld_ray.config import Config, RunnerConfig
 from lpld_ray.config_io import config_from_dict
-from lpld_ray.errors import LpldError
+from lpld_ray.errors import LpldError, StorageError
 from lpld_ray.pipeline.plan import check_resources, check_stage_inputs, stages_to_run, workers_that_fit
 from lpld_ray.pipeline.queue import ShardLost, ShardQueue
 from lpld_ray.pipeline.report import build_report
@@ -173,9 +173,13 @@ def test_inputs_digests_follow_what_each_stage_reads(tmp_path):
     write_images(store, ipc=1, size=8, shards=SHARDS)
     commit(store, "relabel", ["shard-00000", "shard-00001"])
     lpld, sre2l = Config(), with_keys(recover={"batching": "across_classes"})
-    assert recover_inputs(lpld, store, SHARDS[0]) != recover_inputs(lpld, store, SHARDS[1])  # own class stats
-    assert recover_inputs(sre2l, store, SHARDS[0]) == recover_inputs(sre2l, store, SHARDS[1])  # the global row
-    assert recover_inputs(with_keys(recover={"source": "real"}), store, SHARDS[0]) == ""
+    own, shared = recover_inputs(lpld, store, SHARDS[:2]), recover_inputs(sre2l, store, SHARDS[:2])
+    assert own["shard-00000"] != own["shard-00001"]  # own class stats
+    assert shared["shard-00000"] == shared["shard-00001"] != own["shard-00000"]  # the global row
+    assert recover_inputs(with_keys(recover={"source": "real"}), store, SHARDS[:1]) == {"shard-00000": ""}
+    store.delete("stats/shard-00001/_MANIFEST.json")
+    with pytest.raises(StorageError, match="stats/shard-00001 has no valid manifest"):
+        recover_inputs(lpld, store, SHARDS[:2])
     assert relabel_inputs(store, SHARDS, "a" * 64) != relabel_inputs(store, SHARDS, "b" * 64)  # the teacher counts
     before = (relabel_inputs(store, SHARDS, "a" * 64), train_inputs(store, SHARDS))
     write_images(store, ipc=2, size=8, shards=SHARDS[1:])  # one images shard redone with other bytes

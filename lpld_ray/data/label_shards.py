@@ -16,7 +16,7 @@ from lpld_ray.errors import StorageError
 from lpld_ray.method.rng import SAMPLER_VERSION
 from lpld_ray.store.label_table import NUM_CLASSES_KEY, SAMPLER_KEY, check_label_schema, seeded_views_of
 from lpld_ray.store.layout import LABELS_OBJECT, LABELS_STAGE
-from lpld_ray.store.manifest import list_shards
+from lpld_ray.store.manifest import check_object, list_shards, read_manifests
 from lpld_ray.store.storage import Store
 
 INDEX_COLUMNS = ["image_id", "view_id"]
@@ -67,13 +67,15 @@ def build_index(columns: dict[str, tuple[np.ndarray, np.ndarray]]) -> PoolIndex:
 
 
 class LabelShards:
-    """The committed label shards of a store, read by range: two columns for the index, row groups for an epoch."""
+    """The committed label shards of a store, read by range: two columns for the index, row groups for an epoch; each
+    shard's object is checked against its manifest (size, sha256) when first opened, so no damaged label is used."""
 
     def __init__(self, store: Store, names: Sequence[str] | None = None) -> None:
         self.store = store
         self.names = list(list_shards(store, LABELS_STAGE) if names is None else names)
         if not self.names:
             raise StorageError("no committed label shards: run the relabel stage")
+        self._manifests = read_manifests(store, LABELS_STAGE, self.names)  # each object checked at its first open
         self._meta: dict[str, pq.FileMetaData] = {}
         self._seeded: dict[str, tuple[SeededViews, np.ndarray, np.ndarray]] = {}  # regenerated views, their ids
         self.num_classes = 0
@@ -83,6 +85,12 @@ class LabelShards:
     @contextmanager
     def _file(self, name: str) -> Iterator[pq.ParquetFile]:
         rel = f"{LABELS_STAGE}/{name}/{LABELS_OBJECT}"
+        if name not in self._meta:  # the first open: the whole object against its manifest, once (then by range)
+            manifest = self._manifests.get(name)
+            if manifest is None:
+                raise StorageError(f"{self.store.uri(f'{LABELS_STAGE}/{name}')} has no valid manifest: run the "
+                                   "relabel stage")
+            check_object(self.store, LABELS_STAGE, name, LABELS_OBJECT, manifest)
         with self.store.open(rel) as handle:
             try:
                 parquet = pq.ParquetFile(handle, metadata=self._meta.get(name), page_checksum_verification=True)

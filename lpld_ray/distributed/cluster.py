@@ -65,10 +65,27 @@ def planned_actors(runner: RunnerConfig) -> str:
     return f"{workers_that_fit(runner, gpus, cpus)} on {where} ({unit})"
 
 
-def raise_user_error(err: ray.exceptions.RayTaskError) -> None:
+def user_error_in(err: BaseException) -> LpldError | None:
+    """The LpldError a Ray error carries, however wrapped (a task's cause, Ray Train's worker failures, chained
+    exceptions); None when there is none."""
+    pending, seen = [err], set()
+    while pending:
+        e = pending.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, LpldError) and not isinstance(e, ray.exceptions.RayError):
+            return e
+        pending += [getattr(e, "cause", None), getattr(e, "controller_failure", None), e.__cause__, e.__context__,
+                    *(getattr(e, "worker_failures", None) or {}).values()]
+    return None
+
+
+def raise_user_error(err: BaseException) -> None:
     """Re-raise a task's LpldError (e.g. the store became unreachable) as itself: one line, not a traceback."""
-    if isinstance(err.cause, LpldError):
-        raise err.cause from None
+    found = user_error_in(err)
+    if found is not None:
+        raise found from None
     raise err
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import resource
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,6 +17,7 @@ from lpld_ray.distributed.actors import data_options, shard_worker
 from lpld_ray.distributed.cluster import actor_count, init_ray
 from lpld_ray.distributed.shard_queue import ActorPool, run_shard_queue
 from lpld_ray.distributed.train import TrainerSpec, train_once
+from lpld_ray.errors import LpldError
 from lpld_ray.method.squeeze import reduce_in_order
 from lpld_ray.pipeline.labels import current_labels
 from lpld_ray.pipeline.plan import require_verified
@@ -27,7 +28,9 @@ from lpld_ray.pipeline.report_md import write_report_md
 from lpld_ray.pipeline.shards import GLOBAL_SHARD, ClassShard, plan_class_shards
 from lpld_ray.pipeline.sheet import write_contact_sheet
 from lpld_ray.pipeline.stages import (
+    STAGE_NAMES,
     STAGES,
+    Stage,
     recover_inputs,
     relabel_inputs,
     train_inputs,
@@ -49,14 +52,17 @@ from lpld_ray.pipeline.units import (
 from lpld_ray.store.layout import (
     IMAGES_STAGE,
     LABELS_STAGE,
+    PRODUCERS,
     STATS_STAGE,
     STUDENT_STAGE,
     TEACHER_STAGE,
 )
-from lpld_ray.store.manifest import current_shard, read_manifest
+from lpld_ray.store.manifest import MANIFEST_NAME, CorruptShard, current_shard, current_shards, read_manifest
 from lpld_ray.store.storage import Store, storage_options
 
 log = logging.getLogger(__name__)
+
+MAX_REDOS = 3  # damaged shards redone within one job before it gives up with one line
 
 
 
@@ -77,7 +83,7 @@ def run_teacher(ctx: StageRun) -> dict:
     ctx.pool.release()  # Ray Train's workers need the CPUs
     job = TeacherJob(cfg.data, cfg.teacher, store, cfg.seed, data_options(cfg))
     spec = TrainerSpec.of(cfg.teacher, run_key=job.run_key)  # same data, seed and schedule: resume its checkpoints
-    manifest = train_once(store, TEACHER_STAGE, TEACHER_SHARD, job, spec)
+    manifest = train_once(store, TEACHER_STAGE, TEACHER_SHARD, job, spec, ctx.verify)
     log.info("teacher: test top-1 %.4f", manifest.meta["test_top1"])
     return {"test_top1": manifest.meta["test_top1"]}
 
@@ -86,9 +92,10 @@ def run_squeeze(ctx: StageRun) -> dict:
     """Per-class BN sums over data partitions (on the shard actors), reduced and committed per class shard."""
     cfg, store, shards = ctx.cfg, ctx.store, ctx.shards
     names = [s.name for s in shards] + [GLOBAL_SHARD]
-    missing = [n for n in names if current_shard(store, STATS_STAGE, n, ctx.teacher_sha) is None]
+    done = current_shards(store, STATS_STAGE, dict.fromkeys(names, ctx.teacher_sha), ctx.verify)
+    missing = [n for n in names if done[n] is None]
     if not missing:
-        log.info("squeeze: all %d stats shards verified; skipping", len(names))
+        log.info("squeeze: all %d stats shards committed; skipping", len(names))
         return {"shards_written": 0}
     parts, squeeze = cfg.squeeze.partitions, cfg.squeeze
     actors = ctx.pool.take(actor_count(cfg.runner, parts))
@@ -108,16 +115,17 @@ def run_squeeze(ctx: StageRun) -> dict:
 
     progress = Progress("squeeze", parts, cfg.runner.progress_every_s)
     total = reduce_in_order(submit, parts, window, get, progress.advance)
-    written = write_stats(store, total, shards, cfg.seed, ctx.teacher_sha)
+    written = write_stats(store, total, shards, cfg.seed, ctx.teacher_sha, set(missing))
     log.info("squeeze: committed %d stats shards (%d were missing)", written, len(missing))
     return {"shards_written": written}
 
 
 def run_recover(ctx: StageRun) -> dict:
-    """Recover every class shard without a verified manifest on a pool of actors; then the contact sheet."""
+    """Recover every class shard not committed for its inputs on a pool of actors; then the contact sheet."""
     cfg, store, shards = ctx.cfg, ctx.store, ctx.shards
-    inputs = {s.name: recover_inputs(cfg, store, s, ctx.teacher_sha) for s in shards}
-    pending = [s for s in shards if current_shard(store, IMAGES_STAGE, s.name, inputs[s.name]) is None]
+    inputs = recover_inputs(cfg, store, shards, ctx.teacher_sha)
+    done = current_shards(store, IMAGES_STAGE, inputs, ctx.verify)
+    pending = [s for s in shards if done[s.name] is None]
     log.info("recover: %d of %d class shards to do", len(pending), len(shards))
     if pending:
         run_shard_queue(
@@ -136,7 +144,8 @@ def run_relabel(ctx: StageRun) -> dict:
     """One label shard per class shard; every images shard must exist (CutMix partners come from any class)."""
     cfg, store, shards, num_classes = ctx.cfg, ctx.store, ctx.shards, ctx.num_classes
     inputs = relabel_inputs(store, shards, ctx.teacher_sha)
-    pending = [s for s in shards if current_labels(store, s.name, inputs) is None]
+    done = current_labels(store, [s.name for s in shards], inputs, ctx.verify)
+    pending = [s for s in shards if done[s.name] is None]
     log.info("relabel: %d of %d class shards to do", len(pending), len(shards))
     if pending:
         run_shard_queue(
@@ -153,14 +162,15 @@ def run_train(ctx: StageRun) -> dict:
     """Student training with Ray Train; re-running resumes from the last checkpoint under <run>/train/."""
     cfg, store, shards = ctx.cfg, ctx.store, ctx.shards
     ctx.pool.release()  # Ray Train's workers need the CPUs
-    names = [s.name for s in shards]
-    require_verified(store, LABELS_STAGE, names, "train", "relabel")  # never train on a truncated or altered object
-    require_verified(store, IMAGES_STAGE, names, "train", "recover")
+    if ctx.verify:  # else the student's readers check each object they read (never training on a bad one)
+        names = [s.name for s in shards]
+        require_verified(store, LABELS_STAGE, names, "train", "relabel")
+        require_verified(store, IMAGES_STAGE, names, "train", "recover")
     inputs = train_inputs(store, shards)
     job = StudentJob(cfg.data, cfg.train, store, cfg.seed, cfg.recover.ipc, inputs,
                      data_options(cfg))
     spec = TrainerSpec.of(cfg.train, inputs)
-    manifest = train_once(store, STUDENT_STAGE, STUDENT_SHARD, job, spec)
+    manifest = train_once(store, STUDENT_STAGE, STUDENT_SHARD, job, spec, ctx.verify)
     log.info("train: student test top-1 %.4f (resumed from epoch %d)", manifest.meta["student_top1"], manifest.meta["resumed_from"])
     return {"student_top1": manifest.meta["student_top1"], "resumed_from": manifest.meta["resumed_from"]}
 
@@ -194,6 +204,7 @@ class StageRun:
     summary: dict[str, dict] = field(default_factory=dict)
     state_ref: ray.ObjectRef | None = None  # the teacher's state dict bytes, in the object store once
     teacher_sha: str = ""
+    verify: bool = False  # --verify: check every object of the shards a stage finds committed, not only manifests
     pool: ActorPool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -223,22 +234,49 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int) -> dict[str, dict]:
-    """Run the asked stages in table order; each does only the work whose shards do not verify."""
-    ctx = StageRun(cfg, store, plan_class_shards(num_classes, cfg.runner.class_shard_size), num_classes)
+def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int, verify: bool = False) -> dict[str, dict]:
+    """Run the asked stages in table order; each does only the shards not committed for its inputs. When a reader
+    finds a committed object damaged (CorruptShard), that shard's manifest goes and the stages from its producer on
+    run again (at most MAX_REDOS times), so it is redone before anything uses it."""
+    ctx = StageRun(cfg, store, plan_class_shards(num_classes, cfg.runner.class_shard_size), num_classes, verify=verify)
     init_ray()
+    todo, redos = [stage for stage in STAGES if stage.name in stages], 0
     try:
-        for stage in STAGES:
-            if stage.name not in stages:
-                continue
-            started, driver_cpu = time.time(), time.process_time()
-            if stage.needs_teacher(cfg):
-                ctx.load_teacher()
-            ctx.summary[stage.name] = RUNNERS[stage.name](ctx)
-            ctx.summary[stage.name].update(wall_seconds=round(time.time() - started, 2),
-                                           driver_cpu_seconds=round(time.process_time() - driver_cpu, 2),
-                                           driver_peak_rss_mib=peak_rss_mib())
-            log.info("%s: done in %.1fs", stage.name, ctx.summary[stage.name]["wall_seconds"])
+        while todo:
+            try:
+                run_stage(ctx, todo[0])
+                todo.pop(0)
+            except CorruptShard as bad:
+                producer = redo_shard(ctx, todo[0].name, bad, stages, redos)
+                todo, redos = [stage for stage in STAGES[STAGE_NAMES.index(producer):] if stage.name in stages], redos + 1
     finally:
         ctx.pool.release()
     return ctx.summary
+
+
+def run_stage(ctx: StageRun, stage: Stage) -> None:
+    """One stage's driver function, with its wall time, the driver's own CPU time and peak RSS in the summary."""
+    started, driver_cpu = time.time(), time.process_time()
+    if stage.needs_teacher(ctx.cfg):
+        ctx.load_teacher()
+    ctx.summary[stage.name] = RUNNERS[stage.name](ctx)
+    ctx.summary[stage.name].update(wall_seconds=round(time.time() - started, 2),
+                                   driver_cpu_seconds=round(time.process_time() - driver_cpu, 2),
+                                   driver_peak_rss_mib=peak_rss_mib())
+    log.info("%s: done in %.1fs", stage.name, ctx.summary[stage.name]["wall_seconds"])
+
+
+def redo_shard(ctx: StageRun, reader: str, bad: CorruptShard, stages: list[str], redos: int) -> str:
+    """The damaged shard's manifest removed (it no longer counts as done) and the stage that makes it, to run again;
+    one line when that stage is not asked or redoing keeps finding damage."""
+    ctx.pool.release()  # its actors may still run the stage's other units
+    producer = PRODUCERS[bad.stage]
+    ctx.store.delete(f"{bad.stage}/{bad.shard}/{MANIFEST_NAME}")
+    if producer not in stages or redos >= MAX_REDOS:
+        why = "redone " + str(redos) + " times already" if redos >= MAX_REDOS else "its stage is not asked"
+        raise LpldError(f"{reader} found {bad} ({why}); the shard now counts as not done: run with --stages "
+                        f"{','.join(n for n in STAGE_NAMES if n == producer or n in stages)}")
+    log.warning("%s found %s: redoing %s/%s from the %s stage on", reader, bad, bad.stage, bad.shard, producer)
+    if bad.stage == TEACHER_STAGE:
+        ctx.state_ref = None  # the teacher is loaded again once redone
+    return producer

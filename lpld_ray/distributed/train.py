@@ -9,7 +9,7 @@ from typing import Any
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from lpld_ray.distributed.cluster import cluster_has_gpus
+from lpld_ray.distributed.cluster import cluster_has_gpus, raise_user_error
 from lpld_ray.distributed.ray_logs import TRAIN_LOG_LEVEL
 from lpld_ray.distributed.train_loop import TrainTask, train_task_loop
 from lpld_ray.store.layout import TRAIN_RUN_PREFIX
@@ -59,14 +59,18 @@ def fit_with_ray_train(store: Store, stage: str, task: TrainTask, spec: TrainerS
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoints_to_keep),
                              logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL)),  # not Ray Train's chatter
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as err:  # a worker's LpldError (a damaged input: CorruptShard) as itself, not Ray's wrapping
+        raise_user_error(err)
 
 
-def train_once(store: Store, stage: str, shard: str, task: TrainTask, spec: TrainerSpec):
-    """The stage's verified model manifest, training it with Ray Train first when there is none for these inputs."""
-    manifest = current_shard(store, stage, shard, spec.inputs)
+def train_once(store: Store, stage: str, shard: str, task: TrainTask, spec: TrainerSpec, verify: bool = False):
+    """The stage's committed model manifest, training it with Ray Train first when there is none for these inputs
+    (``verify``: the model's objects are checked too)."""
+    manifest = current_shard(store, stage, shard, spec.inputs, verify)
     if manifest is not None:
-        log.info("%s: verified model already in the run; skipping", stage)
+        log.info("%s: model already committed for these inputs; skipping", stage)
         return manifest
     fit_with_ray_train(store, stage, task, spec)
     manifest = current_shard(store, stage, shard, spec.inputs)

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from lpld_ray.config import RelabelConfig
 from lpld_ray.data.seeded import seeded_json
-from lpld_ray.errors import StorageError
 from lpld_ray.method.prune import select_views, view_scores
 from lpld_ray.method.rng import SAMPLER_VERSION
 from lpld_ray.method.views import ViewParams, compose_view, images_needed, plan_views, view_counts
@@ -32,9 +31,9 @@ from lpld_ray.store.layout import LABELS_OBJECT, LABELS_STAGE
 from lpld_ray.store.manifest import (
     Manifest,
     ShardWriter,
-    current_shard,
+    committed_manifest,
+    current_shards,
     read_object,
-    verify_shard,
 )
 from lpld_ray.store.storage import Store
 
@@ -42,25 +41,22 @@ log = logging.getLogger(__name__)
 
 
 
-def current_labels(store: Store, shard: str, inputs: str) -> Manifest | None:
-    """The labels shard's manifest when it verifies, was made from ``inputs`` with this schema and sampler version;
-    None: redo it."""
-    manifest = current_shard(store, LABELS_STAGE, shard, inputs)
-    if manifest is None:
-        return None
-    for key, version in (("schema_version", LABEL_SCHEMA_VERSION), ("sampler_version", SAMPLER_VERSION)):
-        if manifest.meta.get(key) != version:
-            log.warning("labels/%s has %s %s, not %d; redoing it", shard, key.replace("_", " "), manifest.meta.get(key),
-                        version)
-            return None
-    return manifest
+def current_labels(store: Store, names: list[str], inputs: str, verify: bool = False) -> dict[str, Manifest | None]:
+    """For each labels shard: its manifest when it is done for ``inputs`` (current_shards) with this schema and
+    sampler version; None: redo it."""
+    done = current_shards(store, LABELS_STAGE, dict.fromkeys(names, inputs), verify)
+    for shard, manifest in done.items():
+        for key, version in (("schema_version", LABEL_SCHEMA_VERSION), ("sampler_version", SAMPLER_VERSION)):
+            if manifest is not None and manifest.meta.get(key) != version:
+                log.warning("labels/%s has %s %s, not %d; redoing it", shard, key.replace("_", " "),
+                            manifest.meta.get(key), version)
+                done[shard] = None
+    return done
 
 
 def read_label_shard(store: Store, shard: str) -> pa.Table:
-    """The verified label table of one committed labels shard."""
-    manifest = verify_shard(store, LABELS_STAGE, shard)
-    if manifest is None:
-        raise StorageError(f"labels shard '{shard}' is missing or does not verify: run the relabel stage")
+    """The label table of one committed labels shard (its object checked as read)."""
+    manifest = committed_manifest(store, LABELS_STAGE, shard, "relabel")
     return read_label_table(read_object(store, LABELS_STAGE, shard, LABELS_OBJECT, manifest))
 
 

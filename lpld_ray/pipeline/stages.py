@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lpld_ray.config import Config
+from lpld_ray.errors import StorageError
 from lpld_ray.pipeline.shards import ClassShard, stats_shard_for
 from lpld_ray.pipeline.teacher import TEACHER_SHARD
 from lpld_ray.store.layout import FOLDERS, IMAGES_STAGE, LABELS_STAGE, STATS_STAGE
-from lpld_ray.store.manifest import inputs_digest
+from lpld_ray.store.manifest import content_digest, inputs_digest, read_manifests
 from lpld_ray.store.storage import Store
 
 
@@ -62,14 +63,19 @@ def output_shards(stage: str, cfg: Config, shards: list[ClassShard]) -> list[str
 # ----------------------------------------------------------------------------- inputs digests
 
 
-def recover_inputs(cfg: Config, store: Store, shard: ClassShard, teacher_sha: str = "") -> str:
-    """Digest of what a class shard's images are made from: its stats (synthetic), the teacher that scored the crops
-    (rded), nothing ('' for random real images)."""
+def recover_inputs(cfg: Config, store: Store, shards: list[ClassShard], teacher_sha: str = "") -> dict[str, str]:
+    """Per class shard, the digest of what its images are made from: its stats (synthetic), the teacher that scored
+    the crops (rded), nothing ('' for random real images). Stats manifests are read once each, in parallel."""
     if cfg.recover.source == "rded":
-        return hashlib.sha256(f"rded:{teacher_sha}".encode()).hexdigest()
+        return dict.fromkeys((s.name for s in shards), hashlib.sha256(f"rded:{teacher_sha}".encode()).hexdigest())
     if cfg.recover.source != "synthetic":
-        return ""
-    return inputs_digest(store, (STATS_STAGE,), [stats_shard_for(cfg.recover.statistics, shard)])
+        return dict.fromkeys((s.name for s in shards), "")
+    stats_of = {s.name: stats_shard_for(cfg.recover.statistics, s) for s in shards}
+    manifests = read_manifests(store, STATS_STAGE, sorted(set(stats_of.values())))
+    missing = sorted(name for name, manifest in manifests.items() if manifest is None)
+    if missing:
+        raise StorageError(f"{store.uri(f'{STATS_STAGE}/{missing[0]}')} has no valid manifest: its stage must run first")
+    return {name: content_digest([manifests[stats]]) for name, stats in stats_of.items()}
 
 
 def relabel_inputs(store: Store, shards: list[ClassShard], teacher_sha: str) -> str:

@@ -25,7 +25,6 @@ from lpld_ray.store.manifest import (
     ShardWriter,
     read_manifest,
     read_object,
-    verify_shard,
 )
 from lpld_ray.store.storage import Store, read_uri_bytes
 
@@ -105,10 +104,10 @@ class TeacherJob:
 
 
 def teacher_state_bytes(store: Store, cfg: TeacherConfig, weights_options: dict | None = None) -> bytes:
-    """The teacher's state dict bytes: the user's weights if given, else the run's verified teacher shard."""
+    """The teacher's state dict bytes: the user's weights if given, else the run's teacher shard (checked as read)."""
     if cfg.weights:
         return read_uri_bytes(cfg.weights, weights_options)
-    manifest = verify_shard(store, TEACHER_STAGE, TEACHER_SHARD)
+    manifest = read_manifest(store, TEACHER_STAGE, TEACHER_SHARD)
     if manifest is None:
         raise LpldError("no teacher in the run and no teacher.weights given: run the teacher stage or set teacher.weights")
     return read_object(store, TEACHER_STAGE, TEACHER_SHARD, TEACHER_OBJECT, manifest)

@@ -27,13 +27,7 @@ from lpld_ray.method.squeeze import BNSums, accumulate_bn_sums
 from lpld_ray.pipeline.shards import GLOBAL_SHARD, ClassShard
 from lpld_ray.store.codecs import IMAGE_EXTENSIONS, decode_png, encode_image
 from lpld_ray.store.layout import IMAGES_STAGE, STATS_STAGE, image_id_from_name, image_object_name
-from lpld_ray.store.manifest import (
-    ShardWriter,
-    current_shard,
-    read_manifest,
-    read_object,
-    verify_shard,
-)
+from lpld_ray.store.manifest import ShardWriter, committed_manifest, current_shards, read_object
 from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
@@ -81,14 +75,18 @@ def squeeze_partition(teacher: nn.Module, part: ClassDataset, batch_size: int, t
     return accumulate_bn_sums(teacher, batches, part.num_classes)
 
 
-def write_stats(store: Store, sums: BNSums, shards: list[ClassShard], seed: int, inputs: str = "") -> int:
-    """Commit the stats of every class shard (and the global row) not already there for these ``inputs``
-    (the teacher's digest)."""
+def write_stats(store: Store, sums: BNSums, shards: list[ClassShard], seed: int, inputs: str = "",
+                redo: set[str] | None = None) -> int:
+    """Commit the stats of the shards in ``redo`` (class shards and the global row; None: every one not already
+    committed for these ``inputs``, the teacher's digest)."""
     written = 0
     units = [(s.name, sums.select(list(s.class_ids)), list(s.class_ids)) for s in shards]
     units.append((GLOBAL_SHARD, sums.total(), []))
+    if redo is None:
+        done = current_shards(store, STATS_STAGE, {name: inputs for name, _, _ in units})
+        redo = {name for name, manifest in done.items() if manifest is None}
     for name, part, classes in units:
-        if current_shard(store, STATS_STAGE, name, inputs) is not None:
+        if name not in redo:
             continue
         writer = ShardWriter(store, STATS_STAGE, name)
         writer.put(STATS_OBJECT, part.to_bytes())
@@ -98,9 +96,7 @@ def write_stats(store: Store, sums: BNSums, shards: list[ClassShard], seed: int,
 
 
 def load_stats(store: Store, name: str) -> BNSums:
-    manifest = verify_shard(store, STATS_STAGE, name)
-    if manifest is None:
-        raise FileNotFoundError(f"stats shard '{name}' is missing or does not verify: run the squeeze stage")
+    manifest = committed_manifest(store, STATS_STAGE, name, "squeeze")
     return BNSums.from_bytes(read_object(store, STATS_STAGE, name, STATS_OBJECT, manifest))
 
 
@@ -190,10 +186,8 @@ def synthesize(
 
 
 def load_shard_images(store: Store, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of one committed images shard (verified), as ([N,C,H,W] in [0,1], labels [N])."""
-    manifest = verify_shard(store, IMAGES_STAGE, name)
-    if manifest is None:
-        raise FileNotFoundError(f"images shard '{name}' is missing or does not verify: run the recover stage")
+    """All images of one committed images shard (each checked as read), as ([N,C,H,W] in [0,1], labels [N])."""
+    manifest = committed_manifest(store, IMAGES_STAGE, name, "recover")
     names = sorted(e.name for e in manifest.objects)
     images = [decode_png(read_object(store, IMAGES_STAGE, name, n, manifest)) for n in names]
     labels = [int(n.split("_")[0]) for n in names]
@@ -208,9 +202,7 @@ def load_images(store: Store, ipc: int, ids: set[int], shards: list[ClassShard])
         wanted.setdefault(by_class[image_id // ipc], []).append(image_id)
     images: dict[int, torch.Tensor] = {}
     for name, shard_ids in wanted.items():
-        manifest = read_manifest(store, IMAGES_STAGE, name)
-        if manifest is None:
-            raise FileNotFoundError(f"images shard '{name}' has no manifest: run the recover stage")
+        manifest = committed_manifest(store, IMAGES_STAGE, name, "recover")
         by_id = {image_id_from_name(e.name, ipc): e.name for e in manifest.objects}  # png or jpg, as written
         for image_id in shard_ids:
             obj = by_id.get(image_id, image_object_name(image_id // ipc, image_id % ipc))

@@ -18,6 +18,7 @@ FOLDERS = {
     "train": STUDENT_STAGE,
     "report": REPORT_STAGE,
 }
+PRODUCERS = {folder: stage for stage, folder in FOLDERS.items()}  # folder -> the stage that writes it
 RUN_RECORD = "run.yaml"
 TRAIN_RUN_PREFIX = "ray_train"  # <teacher|train>/ray_train-<key>/: a Ray Train run's checkpoints
 LABELS_OBJECT = "labels.parquet"  # the one object of a labels shard

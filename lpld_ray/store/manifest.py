@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from lpld_ray.errors import StorageError
 from lpld_ray.store.storage import Store
@@ -15,6 +16,19 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_MANIFEST.json"
 MANIFEST_SCHEMA_VERSION = 1
+READ_THREADS = 32  # manifests read at once (object stores answer each GET in ~10-100 ms)
+
+
+class CorruptShard(StorageError):
+    """An object of a committed shard is missing, truncated or altered: found by the reader that consumes it. The
+    shard must be redone (by its producing stage) before anything uses it."""
+
+    def __init__(self, stage: str, shard: str, problem: str) -> None:
+        super().__init__(problem)
+        self.stage, self.shard = stage, shard
+
+    def __reduce__(self):  # raised in Ray workers, re-raised in the driver as itself
+        return CorruptShard, (self.stage, self.shard, str(self))
 
 
 @dataclass(frozen=True)
@@ -138,6 +152,14 @@ def read_manifest(store: Store, stage: str, shard: str) -> Manifest | None:
         return None
 
 
+def committed_manifest(store: Store, stage: str, shard: str, producer: str) -> Manifest:
+    """The shard's manifest, which its reader needs before reading (and checking) its objects; one line when absent."""
+    manifest = read_manifest(store, stage, shard)
+    if manifest is None:
+        raise StorageError(f"{store.uri(f'{stage}/{shard}')} has no valid manifest: run the {producer} stage")
+    return manifest
+
+
 def _object_problem(store: Store, rel: str, entry: ObjectEntry) -> str | None:
     """What is wrong with one object on storage, or None when it matches its entry."""
     try:
@@ -175,7 +197,8 @@ def verify_shard(store: Store, stage: str, shard: str) -> Manifest | None:
 
 
 def read_object(store: Store, stage: str, shard: str, name: str, manifest: Manifest) -> bytes:
-    """Read one object of a shard and check it against its manifest entry."""
+    """Read one object of a shard and check it against its manifest entry (size and sha256): the one check of its
+    bytes, made by whoever consumes them. A mismatch raises CorruptShard."""
     rel = f"{stage}/{shard}/{name}"
     entry = next((o for o in manifest.objects if o.name == name), None)
     if entry is None:
@@ -183,12 +206,23 @@ def read_object(store: Store, stage: str, shard: str, name: str, manifest: Manif
     try:
         data = store.read_bytes(rel)
     except FileNotFoundError:
-        raise StorageError(f"object missing: '{store.uri(rel)}'") from None
+        raise CorruptShard(stage, shard, f"object missing: '{store.uri(rel)}'") from None
     if len(data) != entry.size:
-        raise StorageError(f"object '{store.uri(rel)}' has size {len(data)}, manifest says {entry.size}")
+        raise CorruptShard(stage, shard, f"{store.uri(rel)}: size {len(data)} != {entry.size}")
     if hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise StorageError(f"object '{store.uri(rel)}' does not match its manifest sha256")
+        raise CorruptShard(stage, shard, f"{store.uri(rel)}: sha256 mismatch")
     return data
+
+
+def check_object(store: Store, stage: str, shard: str, name: str, manifest: Manifest) -> None:
+    """Stream one object of a shard through sha256 against its manifest entry (for readers that then read it by
+    range, as the student reads label shards); a mismatch raises CorruptShard."""
+    entry = next((o for o in manifest.objects if o.name == name), None)
+    if entry is None:
+        raise StorageError(f"object '{name}' is not listed in the manifest of {store.uri(f'{stage}/{shard}')}")
+    problem = _object_problem(store, f"{stage}/{shard}/{name}", entry)
+    if problem is not None:
+        raise CorruptShard(stage, shard, f"{store.uri(f'{stage}/{shard}/{name}')}: {problem}")
 
 
 def list_shards(store: Store, stage: str) -> list[str]:
@@ -217,21 +251,49 @@ def content_digest(manifests: list[Manifest]) -> str:
 
 
 def inputs_digest(store: Store, stages: tuple[str, ...], shards: list[str]) -> str:
-    """content_digest of the named shards of ``stages`` (manifests read, not re-verified); a missing one raises."""
+    """content_digest of the named shards of ``stages`` (manifests read in parallel, not re-verified); a missing one
+    raises."""
     manifests = []
     for stage in stages:
-        for shard in shards:
-            manifest = read_manifest(store, stage, shard)
+        for shard, manifest in read_manifests(store, stage, shards).items():
             if manifest is None:
                 raise StorageError(f"{store.uri(f'{stage}/{shard}')} has no valid manifest: its stage must run first")
             manifests.append(manifest)
     return content_digest(manifests)
 
 
-def current_shard(store: Store, stage: str, shard: str, inputs: str) -> Manifest | None:
-    """The shard's manifest when it verifies and was made from ``inputs``; None means: redo it."""
-    manifest = verify_shard(store, stage, shard)
-    if manifest is not None and manifest.meta.get("inputs", "") != inputs:
+def read_manifests(store: Store, stage: str, shards: Iterable[str]) -> dict[str, Manifest | None]:
+    """read_manifest of many shards, READ_THREADS at a time (object storage answers each in tens of ms)."""
+    names = list(shards)
+    if len(names) <= 1:
+        return {n: read_manifest(store, stage, n) for n in names}
+    with ThreadPoolExecutor(min(READ_THREADS, len(names))) as pool:
+        return dict(zip(names, pool.map(lambda n: read_manifest(store, stage, n), names)))
+
+
+def _is_current(stage: str, shard: str, manifest: Manifest | None, inputs: str) -> Manifest | None:
+    if manifest is None or (manifest.stage, manifest.shard) != (stage, shard):
+        return None
+    if manifest.meta.get("inputs", "") != inputs:
         log.warning("shard %s/%s was made from other inputs than the run now holds; redoing it", stage, shard)
         return None
     return manifest
+
+
+def current_shards(store: Store, stage: str, inputs: dict[str, str], verify: bool = False) -> dict[str, Manifest | None]:
+    """For each shard of ``inputs`` (shard name -> inputs digest): its manifest when the shard is done for these
+    inputs, else None (redo it). Decided from the manifests alone, read in parallel: the bytes are checked by the
+    reader that consumes them. ``verify`` (--verify) also checks every listed object's size and sha256 now."""
+    manifests = read_manifests(store, stage, inputs)
+    done = {name: _is_current(stage, name, m, inputs[name]) for name, m in manifests.items()}
+    if verify:
+        checked = [name for name, m in done.items() if m is not None]
+        with ThreadPoolExecutor(max(1, min(READ_THREADS, len(checked)))) as pool:
+            for name, ok in zip(checked, pool.map(lambda n: verify_shard(store, stage, n), checked)):
+                done[name] = ok
+    return done
+
+
+def current_shard(store: Store, stage: str, shard: str, inputs: str, verify: bool = False) -> Manifest | None:
+    """The shard's manifest when it is done for ``inputs`` (see current_shards); None means: redo it."""
+    return current_shards(store, stage, {shard: inputs}, verify)[shard]
