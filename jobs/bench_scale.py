@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default="/tmp/bench_scale", help="folder for configs, job logs, JSON and tables")
     p.add_argument("--skip", nargs="*", default=[], choices=["noop", "kill"], help="parts not to run")
     p.add_argument("--layout-only", action="store_true", help="only print the object-layout figures (issue item 4)")
+    p.add_argument("--table", metavar="JSON", help="only print the markdown table of an earlier result file")
     return p.parse_args()
 
 
@@ -89,9 +90,9 @@ def table(result: dict) -> str:
 
     def row(name: str, fig: dict, stage: str | None) -> None:
         if stage is None:  # a whole job of several stages: sums of its stages' own figures, the peak of RSS
-            parts = list(fig.get("stages", {}).values())
-            wall = round(sum(p.get("wall_seconds", 0) for p in parts), 2)
-            cpu = round(sum(p.get("driver_cpu_seconds", 0) for p in parts), 2)
+            parts = list(fig.get("stages", {}).values())  # none for a killed job: no summary line
+            wall = round(sum(p.get("wall_seconds", 0) for p in parts), 2) if parts else None
+            cpu = round(sum(p.get("driver_cpu_seconds", 0) for p in parts), 2) if parts else None
             rss = max((p.get("driver_peak_rss_mib", 0) for p in parts), default=None)
         else:
             r = stage_row(fig, stage)
@@ -160,6 +161,9 @@ def main() -> None:
     (out / "layout.json").write_text(json.dumps(layout, indent=2))
     log.info("object layout (issue 13 item 4): %s", json.dumps(layout, indent=2))
     if args.layout_only:
+        return
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))  # noqa: T201 (the table is the output)
         return
     with CountingS3() as s3, LocalRayCluster(workers=2, cpus_per_worker=1) as cluster:
         for classes in args.classes:
