@@ -84,7 +84,7 @@ def table(result: dict) -> str:
     """The markdown table of one C: a row per stage job, the no-op re-run, the killed recover and its re-run."""
     shards = result["shards"]
     head = ["job", "ok", "job wall s", "stage wall s", "driver CPU s", "driver peak RSS MiB", *KINDS,
-            "req/shard", "MB read (GET)", "objects written", "MB written", "run data GETs"]
+            "req/shard", "MB read (GET)", "objects written", "MB written", "run data objects read"]
     lines = [f"C = {result['classes']:,} ({shards} class shards), {result['machine']}; {result['cluster']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 

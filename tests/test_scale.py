@@ -61,7 +61,7 @@ def test_a_no_op_rerun_reads_manifests_not_data(finished):
                                                                              "train", "run.yaml")}
     print("no-op re-run:", figures["requests"], figures["by_kind"])
     # the real goal of issue 13 (fails until the driver decides from manifests alone): no data object is read
-    assert figures["run_data_gets"] == 0, (f"{figures['run_data_gets']} GETs of run data objects, e.g. "
+    assert figures["run_data_gets"] == 0, (f"{figures['run_data_gets']} data objects of the run read, e.g. "
                                            f"{figures['run_data_get_examples']}; by kind {figures['by_kind']}")
     assert not written, written
 
