@@ -1,5 +1,4 @@
-"""One scale run: its config, each `ray job submit` measured (requests at the S3 server, the job's summary), a
-no-op re-run, and a driver SIGKILLed mid-recover then re-run."""
+"""A scale run: its config, each `ray job submit` measured at the S3 server, the no-op re-run and the driver kill."""
 
 from __future__ import annotations
 
