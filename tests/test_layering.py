@@ -61,6 +61,21 @@ def test_only_the_store_module_imports_fsspec():
     assert users == {"store/storage.py"}
 
 
+def test_nothing_in_the_package_imports_the_testing_support():
+    """lpld_ray/testing/ (counting S3, local multi-node Ray, tiny trees) serves tests and benchmarks only."""
+    users = {str(p.relative_to(PACKAGE)) for p in modules()
+             if p.relative_to(PACKAGE).parts[0] != "testing" and names_any(imports_of(p), ("lpld_ray.testing",))}
+    assert not users, users
+
+
+def test_the_testing_support_imports_neither_ray_nor_fsspec():
+    """It drives Ray through its command line (as a user does) and storage through the Store."""
+    paths = [p for p in modules() if p.relative_to(PACKAGE).parts[0] == "testing"]
+    assert paths
+    bad = {str(p.relative_to(PACKAGE)): names_any(imports_of(p), ("ray", *OBJECT_STORES)) for p in paths}
+    assert not {k: v for k, v in bad.items() if v}
+
+
 def test_the_checker_sees_function_level_imports(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    import ray.train\n    from lpld_ray.store.storage import Store\n")
