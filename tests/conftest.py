@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from lpld_ray.testing.ray_nodes import child_env, free_ports, processes_under  # the scale bench's too
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -50,18 +51,6 @@ TINY_OVERRIDES = [
 CLASS_SHARDS = 4
 
 
-def free_ports(count: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 @dataclass
 class RayCluster:
     gcs_address: str
@@ -90,14 +79,6 @@ class RayCluster:
         """``ray job status|stop|logs JOB_ID``."""
         cmd = [str(BIN / "ray"), "job", verb, "--address", self.dashboard_url, job_id]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env(self.auth_env))
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ, **(extra or {}))
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("RAY_ADDRESS", None)
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    return env
 
 
 def wait_for_dashboard(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -318,19 +299,8 @@ def assert_one_line_error(outcome: tuple[int, list[str], str], fragment: str) ->
 
 
 def cluster_processes(ray_cluster: RayCluster, title: str) -> list:
-    """Live processes of our test cluster (an ancestor names its temp dir) whose command line contains ``title``."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if title not in " ".join(proc.info["cmdline"] or []):
-                continue
-            if any(ray_cluster.temp_dir in " ".join(a.cmdline()) for a in proc.parents()):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
+    """Live processes of our test cluster whose command line contains ``title``."""
+    return processes_under(ray_cluster.temp_dir, title)
 
 
 def registered_checkpoint_epoch(train_dir: Path) -> int:

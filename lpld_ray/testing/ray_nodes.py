@@ -200,19 +200,8 @@ class LocalRayCluster:
                           timeout, f"job {job_id} to end", every=1.0)
 
     def processes(self, title: str) -> list:
-        """Live processes of this cluster (an ancestor names its temp dir) whose command line contains ``title``."""
-        import psutil
-
-        found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if title not in " ".join(proc.info["cmdline"] or []):
-                    continue
-                if any(self.temp_dir in " ".join(a.cmdline()) for a in proc.parents()):
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        return found
+        """Live processes of this cluster whose command line contains ``title``."""
+        return processes_under(self.temp_dir, title)
 
     def stop(self) -> None:
         """Each node's process group, then any process still naming our temp dir; never `ray stop`."""
@@ -269,3 +258,20 @@ def job_summary(output: str) -> dict:
         if said and rest.startswith("{"):
             return json.loads(rest)
     return {}
+
+
+def processes_under(temp_dir: str, title: str) -> list:
+    """Live processes of a cluster (an ancestor's command line names its ``temp_dir``) whose command line contains
+    ``title``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if title not in " ".join(proc.info["cmdline"] or []):
+                continue
+            if any(temp_dir in " ".join(a.cmdline()) for a in proc.parents()):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
