@@ -36,6 +36,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--stats-from", help="a finished run with the same teacher, data and class shards: copy its squeeze stats (lpld, cwb)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--images-from", help="an earlier grid's --out: each cell takes its images from the cell there of the "
+                   "same method, IPC and seed (any k) and runs relabel, train and report only")
     p.add_argument("--summarize", action="store_true", help="run nothing: write by_seeds.md and accuracy_storage.png "
                    "from the cells already finished under --out")
     p.add_argument("--tag", default="", help="a name for this grid's --set values: cells are <method>-<tag>_ipc..., "
@@ -67,6 +69,14 @@ def run_cell(args: argparse.Namespace, method: str, ipc: int, k: float, seed: in
     report = json.loads(Path(run_dir, "report", "report.json").read_text())
     report.update(method=name, run_dir=run_dir)
     return report
+
+
+def earlier_images(out: str, method: str, ipc: int, seed: int) -> str:
+    """The run folder under an earlier grid's out that holds the images of (method, IPC, seed)."""
+    found = sorted(Path(out).glob(f"{method}_ipc{ipc}_k*_s{seed}/images/shard-*/_MANIFEST.json"))
+    if not found:
+        raise SystemExit(f"--images-from {out}: no finished {method}_ipc{ipc}_k*_s{seed} cell with images")
+    return str(found[0].parent.parent.parent)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -135,7 +145,7 @@ def run_grid(args: argparse.Namespace) -> None:
     for method in args.methods:
         for ipc in args.ipc:
             for seed in args.seeds:
-                first = None
+                first = earlier_images(args.images_from, method, ipc, seed) if args.images_from else None
                 for k in args.compression:
                     rows.append(run_cell(args, method, ipc, k, seed, first))
                     first = first or rows[-1]["run_dir"]
