@@ -19,6 +19,7 @@ from lpld_ray.config_io import load_config
 from lpld_ray.data.base import ClassDataset
 from lpld_ray.data.datasets import check_dataset, read_both_splits
 from lpld_ray.distributed.cluster import (
+    check_training_gpus,
     init_ray,
     node_resources,
     planned_actors,
@@ -153,10 +154,11 @@ def show_plan(args: argparse.Namespace) -> None:
 def check_cluster(cfg: Config, stages: list[str], shape: DatasetShape, run_dir: str) -> None:
     """Workers and memory against the cluster: refused at once on a fixed one, waited for (runner.resource_wait_s)
     on one that may autoscale."""
-    gpus = any(node.get("GPU") for node in node_resources())
+    gpus = sum(node.get("GPU", 0.0) for node in node_resources())
     wait_for_resources(lambda nodes: check_resources(cfg, stages, nodes), node_resources,
-                       cfg.runner.resource_wait_s, wanted_bundles(cfg, stages, gpus))
-    check_fits(cfg, shape, stages, node_memory(node_resources()), run_dir, gpus=gpus)
+                       cfg.runner.resource_wait_s, wanted_bundles(cfg, stages, gpus > 0))
+    check_fits(cfg, shape, stages, node_memory(node_resources()), run_dir, gpus=gpus > 0)
+    check_training_gpus("train" in stages or ("teacher" in stages and not cfg.teacher.weights), gpus)
 
 
 def interrupt_on(signum: int):

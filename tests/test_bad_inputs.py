@@ -10,6 +10,8 @@ import gzip
 import hashlib
 import importlib
 import os
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -312,3 +314,40 @@ def test_an_autoscaling_cluster_is_waited_for(cli, data, tmp_path, monkeypatch, 
     ROWS.append({"case": "autoscaling cluster that grows while the job waits", "kind": "hang", "exit": 0,
                  "one_line": False, "unchanged": True, "seconds": time.monotonic() - started,
                  "message": "right thing: " + waits[0]})
+
+
+def test_training_on_declared_gpus_without_cuda_is_refused(cli, data, tmp_path, monkeypatch):
+    """Nodes started with --num-gpus on machines without CUDA: Ray Train would fail in NCCL after its restarts."""
+    import lpld_ray.cli as cli_module
+    import lpld_ray.distributed.cluster as cluster
+
+    monkeypatch.setattr(cli_module, "node_resources", lambda: [{"CPU": 2.0}, {"CPU": 2.0, "GPU": 1.0}])
+    monkeypatch.setattr(cluster, "declared_gpus_without_cuda", lambda: True)
+    run = tmp_path / "run"
+    started = time.monotonic()
+    outcome = cli(["--config", PRESET, "--run-dir", str(run), "--set", f"data.root={data['fm']}"])
+    message = assert_one_line_error(outcome, "the cluster declares 1 GPUs but a task given one sees no CUDA")
+    assert not run.exists()
+    ROWS.append({"case": "declared GPUs without CUDA (teacher and student on Ray Train)", "kind": "late failure",
+                 "exit": outcome[0], "one_line": True, "unchanged": True, "seconds": time.monotonic() - started,
+                 "message": message.replace(str(run), "RUN")})
+
+
+@pytest.mark.ray
+def test_the_cuda_probe_runs_on_a_declared_gpu():
+    """The probe itself on a real local Ray whose only node declares a GPU that this machine does not have."""
+    import tempfile
+
+    from lpld_ray.testing.ray_nodes import child_env
+
+    tmp_path = tempfile.mkdtemp(prefix="ray-probe-")  # short: Ray's socket paths are limited to 107 bytes
+    script = ("import ray, torch; ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, "
+              f"_temp_dir={str(tmp_path)!r}); from lpld_ray.distributed.cluster import declared_gpus_without_cuda; "
+              "print('probe:', declared_gpus_without_cuda(), torch.cuda.is_available()); ray.shutdown()")
+    try:
+        result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=child_env(), capture_output=True,
+                                text=True, timeout=180)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "probe: True False" in result.stdout

@@ -14,7 +14,7 @@ from lpld_ray.config_io import config_from_dict
 from lpld_ray.data.datasets import FASHION_CLASSES
 from lpld_ray.pipeline.history import HISTORY_OBJECT, read_history
 from lpld_ray.pipeline.plots import CURVE_OBJECT, training_histories
-from lpld_ray.pipeline.report import build_report
+from lpld_ray.pipeline.report import build_report, report_inputs
 from lpld_ray.pipeline.report_md import REPORT_MD_OBJECT, write_report_md
 from lpld_ray.pipeline.shards import ClassShard, plan_class_shards
 from lpld_ray.pipeline.sheet import (
@@ -152,3 +152,17 @@ def test_sheet_labels_fall_back_to_class_ids_and_cut_long_names(tmp_path):
         widths[key] = label_column(Image.open(io.BytesIO(contact_sheet(store, shards, per_class=1,
                                                                        class_names=names))), 64, 1)
     assert widths["short"] < widths["none"] < widths["long"] < 400  # "class 0"; 200 x's cut short
+
+
+def test_the_report_inputs_change_with_any_shard_or_the_config_and_only_then(tmp_path):
+    """A no-op re-run finds the report current (same digest) and reads no data object for it; a redone shard of any
+    stage it shows, or another config, asks for a new report."""
+    store, _ = fake_run(tmp_path)
+    cfg = config_from_dict({"recover": {"ipc": 3}})
+    before = report_inputs(store, cfg)
+    assert report_inputs(store, cfg) == before
+    assert report_inputs(store, config_from_dict({"recover": {"ipc": 3}, "seed": 1})) != before
+    labels = ShardWriter(store, "labels", "shard-00000")
+    labels.put("labels.parquet", b"y" * 300)  # same size, other bytes: a redone shard
+    labels.commit(seed=0, meta={"records": 7})
+    assert report_inputs(store, cfg) != before

@@ -28,9 +28,9 @@ class CountingStore(Store):
         super().__init__(root)
         self.read: list[str] = []
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, size: int | None = None) -> bytes:
         self.read.append(rel)
-        return super().read_bytes(rel)
+        return super().read_bytes(rel, size)
 
     def sha256(self, rel: str) -> str:
         self.read.append(rel)

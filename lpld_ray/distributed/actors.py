@@ -35,6 +35,7 @@ class ShardWorker:
         self.teacher = build_teacher(arch, state, num_classes, self.spec.channels, self.spec.size)
         self.device = next(self.teacher.parameters()).device
         self.real_train = None
+        self.partner_manifests: tuple[str, dict] = ("", {})  # (relabel inputs digest, images manifests by shard)
 
     def pid(self) -> int:
         return os.getpid()
@@ -64,7 +65,9 @@ class ShardWorker:
 
         ids = [image_id_of(c, i, ipc) for c in shard.class_ids for i in range(ipc)]
         task = relabel_task(shard.name, ids, cfg, seed, ipc, num_classes, self.spec.size, inputs)
-        images = load_images(self.store, ipc, task.images_needed(), shards)
+        if self.partner_manifests[0] != inputs:  # the digest covers every images manifest: a redone shard changes it
+            self.partner_manifests = (inputs, {})
+        images = load_images(self.store, ipc, task.images_needed(), shards, self.partner_manifests[1])
         return relabel_shard(self.store, self.teacher, lambda x: normalize(x, self.spec), images, task, self.device)
 
 

@@ -42,6 +42,33 @@ def cluster_has_gpus() -> bool:
     return cluster_resources()[0] > 0
 
 
+@ray.remote(num_cpus=0)
+def _sees_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def declared_gpus_without_cuda(timeout_s: float = 60.0) -> bool:
+    """On a cluster that declares GPUs: True when a task given one sees no CUDA device (nodes started with --num-gpus on
+    machines without CUDA, or a CPU build of torch there). A probe that waits longer than ``timeout_s`` for a free
+    GPU proves nothing: False, and a line saying so."""
+    probe = _sees_cuda.options(num_gpus=1).remote()
+    try:
+        return not ray.get(probe, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(probe, force=True)
+        log.info("CUDA on the GPU nodes not checked: no GPU was free for %.0f s", timeout_s)
+        return False
+
+
+def check_training_gpus(trains: bool, gpus: float) -> None:
+    """Refuse in one line a Ray Train stage on ``gpus`` declared GPUs without CUDA: Ray Train would start NCCL and
+    fail."""
+    if trains and gpus and declared_gpus_without_cuda():
+        raise LpldError(f"the cluster declares {gpus:g} GPUs but a task given one sees no CUDA (torch.cuda.is_available() "
+                        "is false there): Ray Train's NCCL cannot start; start those nodes without --num-gpus or with a "
+                        "CUDA build of torch (squeeze, recover and relabel alone do run, on the CPU)")
+
+
 def actor_options(runner: RunnerConfig) -> dict[str, Any]:
     """One GPU (and a CPU to feed it) per shard actor on a GPU cluster, else runner.cpus_per_worker CPUs."""
     if cluster_has_gpus():

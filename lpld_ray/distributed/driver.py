@@ -23,10 +23,17 @@ from lpld_ray.pipeline.labels import current_labels
 from lpld_ray.pipeline.plan import require_verified
 from lpld_ray.pipeline.plots import training_histories
 from lpld_ray.pipeline.progress import Progress
-from lpld_ray.pipeline.report import build_report, human_summary, write_report
-from lpld_ray.pipeline.report_md import write_report_md
+from lpld_ray.pipeline.report import (
+    REPORT_OBJECT,
+    REPORT_SHARD,
+    build_report,
+    human_summary,
+    report_inputs,
+    write_report,
+)
+from lpld_ray.pipeline.report_md import REPORT_MD_OBJECT, write_report_md
 from lpld_ray.pipeline.shards import GLOBAL_SHARD, ClassShard, plan_class_shards
-from lpld_ray.pipeline.sheet import write_contact_sheet
+from lpld_ray.pipeline.sheet import SHEET_OBJECT, write_contact_sheet
 from lpld_ray.pipeline.stages import (
     STAGE_NAMES,
     STAGES,
@@ -53,11 +60,19 @@ from lpld_ray.store.layout import (
     IMAGES_STAGE,
     LABELS_STAGE,
     PRODUCERS,
+    REPORT_STAGE,
     STATS_STAGE,
     STUDENT_STAGE,
     TEACHER_STAGE,
 )
-from lpld_ray.store.manifest import MANIFEST_NAME, CorruptShard, current_shard, current_shards, read_manifest
+from lpld_ray.store.manifest import (
+    MANIFEST_NAME,
+    CorruptShard,
+    ShardWriter,
+    current_shard,
+    current_shards,
+    read_manifest,
+)
 from lpld_ray.store.storage import Store, storage_options
 
 log = logging.getLogger(__name__)
@@ -135,8 +150,9 @@ def run_recover(ctx: StageRun) -> dict:
             lambda actor, shard: actor.recover.remote(shard, cfg.recover, cfg.seed, inputs[shard.name], cfg.rded),
             cfg.runner,
         )
-    sheet = write_contact_sheet(store, shards, class_names(cfg.data, data_options(cfg)))
-    log.info("recover: contact sheet at %s", sheet)
+    if pending or not store.exists(SHEET_OBJECT):  # a no-op re-run reads no image for it
+        log.info("recover: contact sheet at %s", write_contact_sheet(store, shards, class_names(cfg.data, data_options(cfg))))
+    sheet = store.uri(SHEET_OBJECT)
     return {"shards_done": len(pending), "contact_sheet": sheet}
 
 
@@ -179,7 +195,13 @@ def run_report(ctx: StageRun) -> dict:
     """report/report.json from the committed shards, report/report.md (with the training curve) for people, and the
     human summary line."""
     cfg, store, summary = ctx.cfg, ctx.store, ctx.summary
-
+    inputs = report_inputs(store, cfg)
+    built = current_shard(store, REPORT_STAGE, REPORT_SHARD, inputs, ctx.verify)
+    if built is not None and store.exists(REPORT_MD_OBJECT):  # a no-op re-run: the report of the jobs that did the work
+        log.info("report: up to date for what the run holds; summary: %s", built.meta.get("summary", ""))
+        log.info("report to read: %s", store.uri(REPORT_MD_OBJECT))
+        return {"report": store.uri(REPORT_OBJECT), "report_md": store.uri(REPORT_MD_OBJECT), "rebuilt": False}
+    writer = ShardWriter(store, REPORT_STAGE, REPORT_SHARD)  # its manifest goes last, once the report is whole
     student = read_manifest(store, STUDENT_STAGE, STUDENT_SHARD)
     walls = {stage: part["wall_seconds"] for stage, part in summary.items()}
     report = build_report(store, cfg, recorded_teacher_top1(store, bool(cfg.teacher.weights)),
@@ -189,8 +211,9 @@ def run_report(ctx: StageRun) -> dict:
     markdown = write_report_md(store, report, names, training_histories(store, bool(cfg.teacher.weights)))
     log.info("report: %s", uri)
     log.info("summary: %s", human_summary(report))
+    writer.commit(cfg.seed, {"inputs": inputs, "summary": human_summary(report)})
     log.info("report to read: %s", markdown)
-    return {"report": uri, "report_md": markdown}
+    return {"report": uri, "report_md": markdown, "rebuilt": True}
 
 
 @dataclass

@@ -27,7 +27,7 @@ from lpld_ray.method.squeeze import BNSums, accumulate_bn_sums
 from lpld_ray.pipeline.shards import GLOBAL_SHARD, ClassShard
 from lpld_ray.store.codecs import IMAGE_EXTENSIONS, decode_png, encode_image
 from lpld_ray.store.layout import IMAGES_STAGE, STATS_STAGE, image_id_from_name, image_object_name
-from lpld_ray.store.manifest import ShardWriter, committed_manifest, current_shards, read_object
+from lpld_ray.store.manifest import Manifest, ShardWriter, committed_manifest, current_shards, read_object
 from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
@@ -194,15 +194,20 @@ def load_shard_images(store: Store, name: str) -> tuple[torch.Tensor, torch.Tens
     return torch.stack(images), torch.tensor(labels)
 
 
-def load_images(store: Store, ipc: int, ids: set[int], shards: list[ClassShard]) -> dict[int, torch.Tensor]:
-    """Only the images ``ids`` (run-wide ids), each object checked against its shard's manifest on read."""
+def load_images(store: Store, ipc: int, ids: set[int], shards: list[ClassShard],
+                manifests: dict[str, Manifest] | None = None) -> dict[int, torch.Tensor]:
+    """Only the images ``ids`` (run-wide ids), each object checked against its shard's manifest on read;
+    ``manifests`` caches the images manifests read (valid while the images stage's digest is the same)."""
+    manifests = {} if manifests is None else manifests
     wanted: dict[str, list[int]] = {}
     by_class = {c: s.name for s in shards for c in s.class_ids}
     for image_id in sorted(ids):
         wanted.setdefault(by_class[image_id // ipc], []).append(image_id)
     images: dict[int, torch.Tensor] = {}
     for name, shard_ids in wanted.items():
-        manifest = committed_manifest(store, IMAGES_STAGE, name, "recover")
+        if name not in manifests:
+            manifests[name] = committed_manifest(store, IMAGES_STAGE, name, "recover")
+        manifest = manifests[name]
         by_id = {image_id_from_name(e.name, ipc): e.name for e in manifest.objects}  # png or jpg, as written
         for image_id in shard_ids:
             obj = by_id.get(image_id, image_object_name(image_id // ipc, image_id % ipc))

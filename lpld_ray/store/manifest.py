@@ -204,7 +204,7 @@ def read_object(store: Store, stage: str, shard: str, name: str, manifest: Manif
     if entry is None:
         raise StorageError(f"object '{name}' is not listed in the manifest of {store.uri(f'{stage}/{shard}')}")
     try:
-        data = store.read_bytes(rel)
+        data = store.read_bytes(rel, size=entry.size)
     except FileNotFoundError:
         raise CorruptShard(stage, shard, f"object missing: '{store.uri(rel)}'") from None
     if len(data) != entry.size:

@@ -186,7 +186,8 @@ class Store:
         check_uri(root)
         self.root: str = join_uri(root)
         self.storage_options: dict = dict(options or {})  # may hold credentials: never in a repr or a message
-        self._local = _scheme(self.root) in (None, "file")
+        self._scheme = _scheme(self.root)
+        self._local = self._scheme in (None, "file")
         fs, self._base = _resolve(self.root, self.storage_options)  # bad options fail here, not in a later process
         self._opened: tuple[int, fsspec.AbstractFileSystem] | None = (os.getpid(), fs)
 
@@ -269,8 +270,12 @@ class Store:
             else:
                 self._fs.pipe_file(path, bytes(data))
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, size: int | None = None) -> bytes:
+        """One object's bytes. On S3 one GET: s3fs would first HEAD the object to size a concurrent download,
+        which only pays for objects known (``size``) to be larger than one chunk."""
         with self._errors("reading", rel):
+            if self._scheme == "s3" and (size is None or size <= _CHUNK):
+                return self._fs.cat_file(self._path(rel), max_concurrency=1)
             return self._fs.cat_file(self._path(rel))
 
     @contextmanager
