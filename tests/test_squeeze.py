@@ -40,9 +40,9 @@ def test_class_stats_equal_brute_force():
     means, variances = accumulate_bn_sums(model, batches, 4).mean_var()
     ref_means, ref_vars = brute_force(model, images, labels, 4)
     assert len(means) == 3
-    for m, v, rm, rv in zip(means, variances, ref_means, ref_vars):
-        assert torch.allclose(m, rm, rtol=1e-6, atol=1e-9)
-        assert torch.allclose(v, rv, rtol=1e-6, atol=1e-9)
+    for m, v, rm, rv in zip(means, variances, ref_means, ref_vars):  # float32 per-sample sums: float32's precision
+        assert torch.allclose(m, rm, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(v, rv, rtol=1e-5, atol=1e-7)
     # the classes really differ, so a global statistic would not pass the check above
     assert (ref_means[0][0] - ref_means[0][1]).abs().max() > 1e-3
 
