@@ -458,3 +458,33 @@ def test_an_object_store_without_its_fsspec_package_names_the_extra(monkeypatch)
     with pytest.raises(StorageError, match=r"needs the s3 extra of lpld-ray, which is not installed: pip install "
                                            r"'lpld-ray\[s3\]'"):
         storage.Store("s3://bucket/run")
+
+
+def test_remembered_manifests_are_read_once_until_written_deleted_or_forgotten(tmp_path):
+    """The driver's manifest memory within one job: later reads answer from memory; its own writes and deletes replace
+    what it remembers; forget() drops what other processes may have written; other names (the lease) are always
+    read; a pickled copy (an actor's) remembers nothing."""
+    import pickle
+
+    store, other = Store(str(tmp_path)), Store(str(tmp_path))  # other: another process's view of the same run
+    other.write_text("images/s0/_MANIFEST.json", "v1")
+    other.write_text("_lease/gen-1.json", "a")
+    store.remember_texts("_MANIFEST.json")
+    assert store.read_text("images/s0/_MANIFEST.json") == "v1" and store.read_text("_lease/gen-1.json") == "a"
+    other.write_text("images/s0/_MANIFEST.json", "v2")
+    other.write_text("_lease/gen-1.json", "b")
+    assert store.read_text("images/s0/_MANIFEST.json") == "v1"  # remembered
+    assert store.read_text("_lease/gen-1.json") == "b"  # not a manifest: read every time
+    assert pickle.loads(pickle.dumps(store)).read_text("images/s0/_MANIFEST.json") == "v2"
+    store.forget("images")
+    assert store.read_text("images/s0/_MANIFEST.json") == "v2"
+    store.write_text("images/s0/_MANIFEST.json", "v3")
+    assert store.read_text("images/s0/_MANIFEST.json") == "v3"
+    store.delete("images/s0/_MANIFEST.json")
+    with pytest.raises(FileNotFoundError):
+        store.read_text("images/s0/_MANIFEST.json")
+    other.write_text("images/s0/_MANIFEST.json", "v4")
+    assert store.read_text("images/s0/_MANIFEST.json") == "v4"  # an absent object is not remembered
+    store.remember_texts(None)
+    other.write_text("images/s0/_MANIFEST.json", "v5")
+    assert store.read_text("images/s0/_MANIFEST.json") == "v5"

@@ -150,6 +150,7 @@ def run_recover(ctx: StageRun) -> dict:
             lambda actor, shard: actor.recover.remote(shard, cfg.recover, cfg.seed, inputs[shard.name], cfg.rded),
             cfg.runner,
         )
+        store.forget(IMAGES_STAGE)  # the actors committed there
     if pending or not store.exists(SHEET_OBJECT):  # a no-op re-run reads no image for it
         log.info("recover: contact sheet at %s", write_contact_sheet(store, shards, class_names(cfg.data, data_options(cfg))))
     sheet = store.uri(SHEET_OBJECT)
@@ -171,6 +172,7 @@ def run_relabel(ctx: StageRun) -> dict:
             lambda actor, shard: actor.relabel.remote(shard, shards, cfg.relabel, cfg.recover.ipc, num_classes, cfg.seed, inputs),
             cfg.runner,
         )
+        store.forget(LABELS_STAGE)  # the actors committed there
     return {"shards_done": len(pending)}
 
 
@@ -264,6 +266,7 @@ def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int,
     ctx = StageRun(cfg, store, plan_class_shards(num_classes, cfg.runner.class_shard_size), num_classes, verify=verify)
     init_ray()
     todo, redos = [stage for stage in STAGES if stage.name in stages], 0
+    store.remember_texts(MANIFEST_NAME)  # each manifest read once per job, unless a stage wrote its folder since
     try:
         while todo:
             try:
@@ -273,6 +276,7 @@ def run_pipeline(cfg: Config, store: Store, stages: list[str], num_classes: int,
                 producer = redo_shard(ctx, todo[0].name, bad, stages, redos)
                 todo, redos = [stage for stage in STAGES[STAGE_NAMES.index(producer):] if stage.name in stages], redos + 1
     finally:
+        store.remember_texts(None)
         ctx.pool.release()
     return ctx.summary
 

@@ -73,6 +73,7 @@ def train_once(store: Store, stage: str, shard: str, task: TrainTask, spec: Trai
         log.info("%s: model already committed for these inputs; skipping", stage)
         return manifest
     fit_with_ray_train(store, stage, task, spec)
+    store.forget(stage)  # Ray Train's rank 0 committed there
     manifest = current_shard(store, stage, shard, spec.inputs)
     if manifest is None:
         raise RuntimeError(f"{stage}: training finished but committed no verified model")

@@ -8,7 +8,7 @@ from lpld_ray.pipeline.shards import ClassShard
 from lpld_ray.pipeline.stages import BY_NAME, STAGE_NAMES, output_shards
 from lpld_ray.store.label_table import LABEL_SCHEMA_VERSION
 from lpld_ray.store.layout import LABELS_STAGE
-from lpld_ray.store.manifest import read_manifest, shard_problem
+from lpld_ray.store.manifest import read_manifests, shard_problem
 from lpld_ray.store.storage import Store
 
 
@@ -16,7 +16,7 @@ def missing_shards(store: Store, stage: str, names: list[str], fresh: bool) -> l
     """The shards of ``stage`` among ``names`` without a manifest (all of them when the run is about to be emptied).
     Only manifests are read here; the stage that reads the objects verifies them."""
     folder = BY_NAME[stage].folder
-    return list(names) if fresh else [n for n in names if read_manifest(store, folder, n) is None]
+    return list(names) if fresh else [n for n, m in read_manifests(store, folder, names).items() if m is None]
 
 
 def stages_to_run(cfg: Config, store: Store, asked: list[str], shards: list[ClassShard], fresh: bool) -> list[str]:
@@ -54,8 +54,7 @@ def check_stage_inputs(cfg: Config, store: Store, asked: list[str], shards: list
 
 def require_label_schema(store: Store, names: list[str]) -> None:
     """Fail with one line naming the shard when a labels shard has a schema version this lpld_ray cannot read."""
-    for name in names:
-        manifest = read_manifest(store, LABELS_STAGE, name)
+    for name, manifest in read_manifests(store, LABELS_STAGE, names).items():
         found = manifest.meta.get("schema_version") if manifest else LABEL_SCHEMA_VERSION
         if found != LABEL_SCHEMA_VERSION:
             raise LpldError(f"train cannot read {LABELS_STAGE}/{name}: label schema version {found} is not supported "

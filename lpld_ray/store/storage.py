@@ -190,6 +190,24 @@ class Store:
         self._local = self._scheme in (None, "file")
         fs, self._base = _resolve(self.root, self.storage_options)  # bad options fail here, not in a later process
         self._opened: tuple[int, fsspec.AbstractFileSystem] | None = (os.getpid(), fs)
+        self._remembered: tuple[str, dict[str, str]] | None = None  # see remember_texts
+
+    def remember_texts(self, suffix: str | None) -> None:
+        """From now on (None: no longer) read_text answers a name ending in ``suffix`` that it read before from this
+        process's memory. Writes and deletes through this Store replace what it remembers; what other processes may
+        have written is dropped with forget()."""
+        self._remembered = None if suffix is None else (suffix, {})
+
+    def forget(self, rel_prefix: str) -> None:
+        """Drop the remembered texts under ``rel_prefix/`` (another process may have written there)."""
+        if self._remembered is not None:
+            head = rel_prefix.rstrip("/") + "/"
+            for rel in [r for r in self._remembered[1] if r.startswith(head)]:
+                self._remembered[1].pop(rel, None)
+
+    def _changed(self, rel: str) -> None:
+        if self._remembered is not None:
+            self._remembered[1].pop(rel, None)
 
     @property
     def _fs(self) -> fsspec.AbstractFileSystem:
@@ -202,7 +220,7 @@ class Store:
         return opened[1]
 
     def __getstate__(self) -> dict:
-        state = {**self.__dict__, "_opened": None}
+        state = {**self.__dict__, "_opened": None, "_remembered": None}  # what one process remembers stays there
         state["storage_options"] = _seal_options(self.storage_options)
         return state
 
@@ -264,6 +282,7 @@ class Store:
         atomic; locally the bytes go to a temporary file first)."""
         path = self._path(rel)
         self._mkparent(path)
+        self._changed(rel)
         with self._errors("writing", rel):
             if self._local:
                 os.replace(_write_temp(path, bytes(data)), path)
@@ -289,7 +308,12 @@ class Store:
         self.write_bytes(rel, text.encode("utf-8"))
 
     def read_text(self, rel: str) -> str:
-        return self.read_bytes(rel).decode("utf-8")
+        remembered = self._remembered
+        if remembered is None or not rel.endswith(remembered[0]):
+            return self.read_bytes(rel).decode("utf-8")
+        if rel not in remembered[1]:
+            remembered[1][rel] = self.read_bytes(rel).decode("utf-8")  # absent objects raise and are not remembered
+        return remembered[1][rel]
 
     def exists(self, rel: str) -> bool:
         with self._errors("checking", rel):
@@ -308,6 +332,7 @@ class Store:
         return digest.hexdigest()
 
     def delete(self, rel: str) -> None:
+        self._changed(rel)
         try:
             with self._errors("deleting", rel):
                 self._fs.rm_file(self._path(rel))
@@ -320,6 +345,7 @@ class Store:
         if not rel_prefix.strip("/"):
             raise StorageError(f"delete_tree of the run root '{self.root}' itself: name a folder under it")
         names = self.list(rel_prefix)
+        self.forget(rel_prefix)
         if names:
             try:
                 with self._errors("deleting", rel_prefix):
@@ -344,6 +370,7 @@ class Store:
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Write ``data`` only if ``rel`` is absent (S3 If-None-Match, local 'xb'); False when it already existed."""
+        self._changed(rel)
         path = self._path(rel)
         self._mkparent(path)
         if self._local:  # complete bytes appear at once: a hard link fails if the name exists
