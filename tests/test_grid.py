@@ -40,3 +40,17 @@ def test_by_seeds_and_the_storage_plot(tmp_path):
     assert lines["lpld-top2 IPC 10"] == [(4000.0, 79.0)]
     png = Image.open(io.BytesIO(grid.accuracy_storage_png(lines)))
     assert png.format == "PNG" and png.size[0] > 300
+
+
+def test_images_from_finds_the_cell_with_images_of_the_same_method_ipc_and_seed(tmp_path):
+    import pytest
+
+    grid = load_grid()
+    for cell in ("lpld_ipc10_k1_s0", "lpld_ipc10_k40_s1", "sre2l_ipc10_k1_s0"):
+        (tmp_path / cell / "images" / "shard-00000").mkdir(parents=True)
+        (tmp_path / cell / "images" / "shard-00000" / "_MANIFEST.json").write_text("{}")
+    (tmp_path / "lpld_ipc10_k1_s2" / "report").mkdir(parents=True)  # a cell without images
+    assert grid.earlier_images(str(tmp_path), "lpld", 10, 0) == str(tmp_path / "lpld_ipc10_k1_s0")
+    assert grid.earlier_images(str(tmp_path), "lpld", 10, 1) == str(tmp_path / "lpld_ipc10_k40_s1")
+    with pytest.raises(SystemExit, match="no finished lpld_ipc10_k\\*_s2 cell with images"):
+        grid.earlier_images(str(tmp_path), "lpld", 10, 2)
