@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -57,7 +58,8 @@ def bench_one(cluster: LocalRayCluster, s3: CountingS3, setup: ScaleSetup, out: 
     run = ScaleRun(cluster, s3, config, bucket, "run", out / "logs")
     stages = {stage: run.job(stage, [stage]) for stage in STAGE_ORDER}
     result: dict[str, Any] = {"classes": setup.classes, "setup": setup.__dict__, "shards": setup.shards,
-                              "machine": describe_machine() + "; this machine, shared (another job at nice 5)",
+                              "machine": describe_machine() + "; load average (1, 5, 15 min) at the end: "
+                              + ", ".join(f"{v:.1f}" for v in os.getloadavg()),
                               "cluster": "head --num-cpus=0 + 2 worker nodes x --num-cpus=1, one machine",
                               "config": str(config), "dataset_generation_seconds": generate_s, "stages": stages}
     if "noop" not in skip:
