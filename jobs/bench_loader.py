@@ -31,7 +31,8 @@ from lpld_ray.store.layout import (
     image_object_name,  # noqa
 )
 from lpld_ray.store.manifest import ShardWriter
-from lpld_ray.store.storage import Store, shard_name
+from lpld_ray.store.storage import Store
+from lpld_ray.store.uris import shard_name
 
 log = logging.getLogger("bench_loader")
 

@@ -22,13 +22,8 @@ from lpld_ray.store.manifest import (
     read_object,
     verify_shard,
 )
-from lpld_ray.store.storage import (
-    Store,
-    check_uri,
-    join_uri,
-    read_uri_bytes,
-    shard_name,
-)
+from lpld_ray.store.storage import Store, read_uri_bytes
+from lpld_ray.store.uris import check_uri, join_uri, shard_name
 
 
 def _memory_root() -> str:

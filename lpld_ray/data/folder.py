@@ -13,7 +13,8 @@ from lpld_ray.config import DataConfig
 from lpld_ray.data.base import ClassDataset, class_count, image_spec, select_indices
 from lpld_ray.errors import DataError, StorageError
 from lpld_ray.method.images import ImageSpec
-from lpld_ray.store.storage import Store, check_uri
+from lpld_ray.store.storage import Store
+from lpld_ray.store.uris import check_uri
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 

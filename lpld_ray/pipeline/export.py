@@ -36,7 +36,8 @@ from lpld_ray.store.layout import (
     image_id_from_name,
 )
 from lpld_ray.store.manifest import Manifest, list_shards, read_manifest, read_object
-from lpld_ray.store.storage import Store, check_uri, storage_options
+from lpld_ray.store.storage import Store, storage_options
+from lpld_ray.store.uris import check_uri
 
 log = logging.getLogger(__name__)
 

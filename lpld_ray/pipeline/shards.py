@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lpld_ray.store.storage import shard_name
+from lpld_ray.store.uris import shard_name
 
 GLOBAL_SHARD = "global"
 

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lpld_ray.config import Config
-from lpld_ray.errors import StorageError
 from lpld_ray.pipeline.shards import ClassShard, stats_shard_for
 from lpld_ray.pipeline.teacher import TEACHER_SHARD
 from lpld_ray.store.layout import FOLDERS, IMAGES_STAGE, LABELS_STAGE, STATS_STAGE
-from lpld_ray.store.manifest import content_digest, inputs_digest, read_manifests
+from lpld_ray.store.manifest import content_digest, inputs_digest, required_manifests
 from lpld_ray.store.storage import Store
 
 
@@ -71,10 +70,7 @@ def recover_inputs(cfg: Config, store: Store, shards: list[ClassShard], teacher_
     if cfg.recover.source != "synthetic":
         return dict.fromkeys((s.name for s in shards), "")
     stats_of = {s.name: stats_shard_for(cfg.recover.statistics, s) for s in shards}
-    manifests = read_manifests(store, STATS_STAGE, sorted(set(stats_of.values())))
-    missing = sorted(name for name, manifest in manifests.items() if manifest is None)
-    if missing:
-        raise StorageError(f"{store.uri(f'{STATS_STAGE}/{missing[0]}')} has no valid manifest: its stage must run first")
+    manifests = required_manifests(store, STATS_STAGE, sorted(set(stats_of.values())))
     return {name: content_digest([manifests[stats]]) for name, stats in stats_of.items()}
 
 

@@ -196,13 +196,19 @@ def verify_shard(store: Store, stage: str, shard: str) -> Manifest | None:
     return manifest
 
 
+def listed_entry(store: Store, manifest: Manifest, name: str) -> ObjectEntry:
+    """The manifest's entry of object ``name``; one line when the manifest does not list it."""
+    entry = next((o for o in manifest.objects if o.name == name), None)
+    if entry is None:
+        raise StorageError(f"object '{name}' is not listed in the manifest of "
+                           f"{store.uri(f'{manifest.stage}/{manifest.shard}')}")
+    return entry
+
+
 def read_object(store: Store, stage: str, shard: str, name: str, manifest: Manifest) -> bytes:
     """Read one object of a shard and check it against its manifest entry (size and sha256): the one check of its
     bytes, made by whoever consumes them. A mismatch raises CorruptShard."""
-    rel = f"{stage}/{shard}/{name}"
-    entry = next((o for o in manifest.objects if o.name == name), None)
-    if entry is None:
-        raise StorageError(f"object '{name}' is not listed in the manifest of {store.uri(f'{stage}/{shard}')}")
+    rel, entry = f"{stage}/{shard}/{name}", listed_entry(store, manifest, name)
     try:
         data = store.read_bytes(rel, size=entry.size)
     except FileNotFoundError:
@@ -217,10 +223,7 @@ def read_object(store: Store, stage: str, shard: str, name: str, manifest: Manif
 def check_object(store: Store, stage: str, shard: str, name: str, manifest: Manifest) -> None:
     """Stream one object of a shard through sha256 against its manifest entry (for readers that then read it by
     range, as the student reads label shards); a mismatch raises CorruptShard."""
-    entry = next((o for o in manifest.objects if o.name == name), None)
-    if entry is None:
-        raise StorageError(f"object '{name}' is not listed in the manifest of {store.uri(f'{stage}/{shard}')}")
-    problem = _object_problem(store, f"{stage}/{shard}/{name}", entry)
+    problem = _object_problem(store, f"{stage}/{shard}/{name}", listed_entry(store, manifest, name))
     if problem is not None:
         raise CorruptShard(stage, shard, f"{store.uri(f'{stage}/{shard}/{name}')}: {problem}")
 
@@ -253,13 +256,16 @@ def content_digest(manifests: list[Manifest]) -> str:
 def inputs_digest(store: Store, stages: tuple[str, ...], shards: list[str]) -> str:
     """content_digest of the named shards of ``stages`` (manifests read in parallel, not re-verified); a missing one
     raises."""
-    manifests = []
-    for stage in stages:
-        for shard, manifest in read_manifests(store, stage, shards).items():
-            if manifest is None:
-                raise StorageError(f"{store.uri(f'{stage}/{shard}')} has no valid manifest: its stage must run first")
-            manifests.append(manifest)
-    return content_digest(manifests)
+    return content_digest([m for stage in stages for m in required_manifests(store, stage, shards).values()])
+
+
+def required_manifests(store: Store, stage: str, shards: list[str]) -> dict[str, Manifest]:
+    """The manifests of the named shards, read in parallel; one line naming the first missing one."""
+    manifests = read_manifests(store, stage, shards)
+    missing = [shard for shard, manifest in manifests.items() if manifest is None]
+    if missing:
+        raise StorageError(f"{store.uri(f'{stage}/{missing[0]}')} has no valid manifest: its stage must run first")
+    return manifests
 
 
 def read_manifests(store: Store, stage: str, shards: Iterable[str]) -> dict[str, Manifest | None]:

@@ -17,6 +17,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from lpld_ray.errors import StorageError
+from lpld_ray.store.uris import check_uri, join_uri, scheme_of
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -26,8 +27,6 @@ import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SCHEMES: tuple[str, ...] = ("file", "memory", "s3", "gs", "gcs")
-_ALLOWED = "use a local path, file://, memory://, s3:// or gs://"
 _CHUNK = 8 << 20
 # Schemes whose fsspec filesystem keeps a listing cache (s3fs, gcsfs): switched off in _resolve.
 _LISTING_CACHED = frozenset({"s3", "gs", "gcs"})
@@ -38,30 +37,6 @@ _UNREACHABLE = frozenset({
 })
 
 
-def _scheme(uri: str) -> str | None:
-    """The scheme before '://', lower-cased; None for a plain path."""
-    return uri.split("://", 1)[0].lower() if "://" in uri else None
-
-
-def check_uri(uri: str, what: str = "run directory") -> None:
-    """Raise StorageError unless ``uri`` is a non-empty local path or a supported URI."""
-    if not isinstance(uri, str) or not uri.strip():
-        raise StorageError(f"empty {what} {uri!r}: {_ALLOWED}")
-    scheme = _scheme(uri)
-    if scheme is not None and scheme not in SUPPORTED_SCHEMES:
-        raise StorageError(f"unsupported scheme '{scheme}' in {what} '{uri}': {_ALLOWED}")
-
-
-def join_uri(root: str, *parts: str) -> str:
-    """Join ``parts`` under ``root`` with single '/' separators ('s3://b/p', '/tmp/x', 'memory://')."""
-    segs = [s for p in parts for s in p.split("/") if s]
-    head = root
-    while head.endswith("/") and not head.endswith("://") and head != "/":
-        head = head[:-1]
-    sep = "" if not segs or not head or head.endswith("/") else "/"
-    return head + sep + "/".join(segs)
-
-
 def _local_path(uri: str) -> str:
     path = uri[len("file://"):] if uri.lower().startswith("file://") else uri
     return os.path.abspath(os.path.expanduser(path))
@@ -70,7 +45,7 @@ def _local_path(uri: str) -> str:
 def storage_options(cfg: "StorageConfig", uri: str) -> dict[str, Any]:
     """fsspec options for ``uri`` from the storage: section; credentials only when configured there
     (otherwise s3fs/botocore read AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...)."""
-    if _scheme(uri) != "s3":
+    if scheme_of(uri) != "s3":
         return {}
     options: dict[str, Any] = {
         "config_kwargs": {"connect_timeout": cfg.connect_timeout_s, "read_timeout": cfg.read_timeout_s,
@@ -90,23 +65,23 @@ def _endpoint(uri: str, options: dict | None) -> str:
     explicit = (options or {}).get("client_kwargs", {}).get("endpoint_url")
     if explicit:
         return explicit
-    if _scheme(uri) == "s3":
+    if scheme_of(uri) == "s3":
         return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
-    return _scheme(uri) or "local files"
+    return scheme_of(uri) or "local files"
 
 
 def _resolve(uri: str, options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a checked URI. Object stores get fsspec's listing cache switched off
     (``use_listings_cache=False``): other processes write the same store, so every ls/find/exists/info asks it."""
-    if _scheme(uri) in (None, "file"):
+    if scheme_of(uri) in (None, "file"):
         return LocalFileSystem(), _local_path(uri)
     options = copy.deepcopy(options or {})  # botocore edits nested dicts
-    if _scheme(uri) in _LISTING_CACHED:
+    if scheme_of(uri) in _LISTING_CACHED:
         options["use_listings_cache"] = False
     try:
         return url_to_fs(uri, **options)
     except ImportError:
-        extra = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}.get(_scheme(uri) or "", _scheme(uri))
+        extra = {"s3": "s3", "gs": "gcs", "gcs": "gcs"}.get(scheme_of(uri) or "", scheme_of(uri))
         raise StorageError(f"'{uri}' needs the {extra} extra of lpld-ray, which is not installed: "
                            f"pip install 'lpld-ray[{extra}]'") from None
 
@@ -152,15 +127,6 @@ def read_uri_bytes(uri: str, options: dict | None = None) -> bytes:
         raise StorageError(f"file not found: '{uri}'") from None
 
 
-def shard_name(index: int | str) -> str:
-    """42 -> 'shard-00042'; a str (e.g. 'global') is returned as is."""
-    if isinstance(index, str):
-        return index
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise StorageError(f"bad shard index {index!r}: expected an int >= 0 or a name")
-    return f"shard-{index:05d}"
-
-
 def _mask(data: bytes, pad: bytes) -> bytes:
     return (int.from_bytes(data, "big") ^ int.from_bytes(pad, "big")).to_bytes(len(data), "big")
 
@@ -186,7 +152,7 @@ class Store:
         check_uri(root)
         self.root: str = join_uri(root)
         self.storage_options: dict = dict(options or {})  # may hold credentials: never in a repr or a message
-        self._scheme = _scheme(self.root)
+        self._scheme = scheme_of(self.root)
         self._local = self._scheme in (None, "file")
         fs, self._base = _resolve(self.root, self.storage_options)  # bad options fail here, not in a later process
         self._opened: tuple[int, fsspec.AbstractFileSystem] | None = (os.getpid(), fs)
@@ -258,7 +224,7 @@ class Store:
         if self._local:
             self._check_local_root()
             return
-        if _scheme(self.root) == "memory":
+        if scheme_of(self.root) == "memory":
             return
         bucket = self._base.split("/", 1)[0]
         try:
