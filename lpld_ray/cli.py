@@ -17,7 +17,7 @@ from lpld_ray.config import Config
 from lpld_ray.config_errors import bad_value
 from lpld_ray.config_io import load_config
 from lpld_ray.data.base import ClassDataset
-from lpld_ray.data.datasets import check_dataset, read_both_splits
+from lpld_ray.data.datasets import read_both_splits
 from lpld_ray.distributed.cluster import (
     check_training_gpus,
     init_ray,
@@ -112,7 +112,6 @@ def check_real_images(cfg: Config, train: ClassDataset) -> None:
 def check_data(cfg: Config) -> DatasetShape:
     """The dataset (both splits read or listed, an image of each decoded) and the teacher's weights."""
     data_options = storage_options(cfg.storage, cfg.data.root)
-    check_dataset(cfg.data, data_options)
     train, test = read_both_splits(cfg.data, data_options)
     check_real_images(cfg, train)
     if cfg.teacher.weights:

@@ -13,9 +13,10 @@ from PIL import Image
 
 from lpld_ray.config import DataConfig
 from lpld_ray.config_io import replace
-from lpld_ray.data.datasets import check_dataset, load_dataset
+from lpld_ray.data.datasets import check_dataset, load_dataset, read_both_splits
 from lpld_ray.errors import DataError
 from lpld_ray.method.images import ImageSpec, denormalize, normalize
+from lpld_ray.store.storage import Store
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -205,6 +206,26 @@ def test_image_folder(tmp_path):
     assert len(small) == 6 and small.class_names == ["a_tshirt", "b_trouser"]
     assert small.class_images(1, 3).shape == (3, 3, 16, 16)
     assert load_dataset(replace(cfg, test_per_class=1), "test").targets.tolist() == [0, 1, 2]
+
+
+def test_both_splits_list_each_folder_once_and_match_one_split_at_a_time(tmp_path, monkeypatch):
+    """The start-up check lists train/'s and val/'s class folders and files once each (it listed train/'s folders
+    four times: 44 of the 88 LIST pages of a 10,450-class tree on S3) and reads what load_dataset reads."""
+    _write_folder(tmp_path, ["c", "a", "b"], {"train": 3, "val": 2}, size=8)
+    cfg = DataConfig(name="image_folder", root=str(tmp_path), image_size=8, num_classes=2)
+    calls: list[tuple[str, str]] = []
+    for method in ("list", "folders"):
+        original = getattr(Store, method)
+        monkeypatch.setattr(Store, method, lambda self, rel, _m=method, _o=original: calls.append((_m, rel)) or _o(self, rel))
+    train, test = read_both_splits(cfg)
+    assert sorted(calls) == [("folders", "train"), ("folders", "val"), ("list", "train"), ("list", "val")]
+    for split, ds in zip(("train", "test"), (train, test)):
+        one = load_dataset(cfg, split)
+        assert (ds.files, ds.targets.tolist(), ds.class_names) == (one.files, one.targets.tolist(), one.class_names)
+    assert len(train) == 6 and test.targets.tolist() == [0, 0, 1, 1]
+    shutil.rmtree(tmp_path / "val")
+    with pytest.raises(DataError, match="no val/ folder"):
+        read_both_splits(cfg)
 
 
 def test_image_folder_center_crop(tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from lpld_ray.config import DATASETS, DataConfig
 from lpld_ray.data.base import ClassDataset, check_image_size, class_count, class_rank, image_spec, select_indices
-from lpld_ray.data.folder import check_folder, folder_class_names, load_folder
+from lpld_ray.data.folder import check_folder, folder_class_names, load_folder, load_folder_splits
 from lpld_ray.errors import DataError
 from lpld_ray.method.images import ImageSpec
 
@@ -99,8 +99,16 @@ def check_dataset(cfg: DataConfig, options: dict | None = None) -> None:
 
 def read_both_splits(cfg: DataConfig, options: dict | None = None) -> tuple[ClassDataset, ClassDataset]:
     """Pre-flight of the data itself: both splits read (idx files, digits) or listed (an ImageFolder tree: every class
-    folder, each training one holding images), and the first image of each decoded. Returns (train, test)."""
-    train, test = (load_dataset(cfg, split, options) for split in SPLITS)
+    folder, each training one holding images; each listing made once), and the first image of each decoded, after the
+    cheap checks of :func:`check_dataset`. Returns (train, test)."""
+    if cfg.name == "image_folder":
+        check_image_size(cfg)
+        train, test = load_folder_splits(cfg, options)
+        for split, ds in zip(SPLITS, (train, test)):
+            log.info("loaded %s %s: %d images, %d classes", cfg.name, split, len(ds), ds.num_classes)
+    else:
+        check_dataset(cfg, options)
+        train, test = (load_dataset(cfg, split, options) for split in SPLITS)
     for split, ds in zip(SPLITS, (train, test)):
         if len(ds) == 0:
             where = f"{cfg.root.rstrip('/')}/{'train' if split == 'train' else 'val'}" if cfg.name == "image_folder" \

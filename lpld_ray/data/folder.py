@@ -116,10 +116,11 @@ def folder_classes(store: Store) -> list[str]:
     return names
 
 
-def folder_files(store: Store, split: str, classes: list[str], all_classes: list[str]) -> tuple[list[str], list[int]]:
-    """Image files (relative to the root) of ``classes`` under ``split`` in (class, file name) order, with their labels:
-    one recursive listing of the split."""
-    present = subfolders(store, split)
+def folder_files(store: Store, split: str, classes: list[str], all_classes: list[str],
+                 listing: tuple[list[str] | None, list[str]]) -> tuple[list[str], list[int]]:
+    """Image files (relative to the root) of ``classes`` under ``split`` in (class, file name) order, with their labels,
+    from the split's ``listing``: its class folders (None when it is not there) and every file under it."""
+    present, listed = listing
     if present is None:
         raise DataError(f"image_folder split folder '{store.uri(split)}' not found")
     extra = sorted(set(present) - set(all_classes))
@@ -127,7 +128,7 @@ def folder_files(store: Store, split: str, classes: list[str], all_classes: list
         raise DataError(f"class folder '{store.uri(f'{split}/{extra[0]}')}' has no counterpart in train/: "
                         "both splits must use the same class folders")
     by_class: dict[str, list[str]] = {name: [] for name in classes}
-    for name in store.list(split):
+    for name in listed:
         folder, _, file = name.partition("/")
         if folder in by_class and "/" not in file and file.lower().endswith(IMAGE_EXTS):
             by_class[folder].append(f"{split}/{name}")
@@ -141,20 +142,46 @@ def folder_files(store: Store, split: str, classes: list[str], all_classes: list
     return files, labels
 
 
-def load_folder(cfg: DataConfig, split: str, options: dict | None = None) -> FolderClassDataset:
-    """One split of the tree at ``cfg.root`` (``options``: fsspec options for an object-storage root)."""
-    store = open_folder(cfg.root, options)
-    try:
-        all_classes = folder_classes(store)
-        classes = all_classes[:class_count(cfg, len(all_classes))]
-        files, labels = folder_files(store, "train" if split == "train" else "val", classes, all_classes)
-    except StorageError as err:
-        raise DataError(f"image_folder '{cfg.root}' cannot be read: {err}") from None
+def _split_dataset(cfg: DataConfig, store: Store, split: str, all_classes: list[str],
+                   listing: tuple[list[str] | None, list[str]]) -> FolderClassDataset:
+    classes = all_classes[:class_count(cfg, len(all_classes))]
+    folder = "train" if split == "train" else "val"
+    files, labels = folder_files(store, folder, classes, all_classes, listing)
     targets = torch.tensor(labels, dtype=torch.int64)
     idx, _ = select_indices(targets, cfg, split, len(all_classes))
     resize = cfg.eval_resize if split != "train" else "short_side"
     return FolderClassDataset(store, [files[i] for i in idx.tolist()], targets[idx], image_spec(cfg), classes,
                               resize=resize)
+
+
+def load_folder(cfg: DataConfig, split: str, options: dict | None = None) -> FolderClassDataset:
+    """One split of the tree at ``cfg.root`` (``options``: fsspec options for an object-storage root)."""
+    store = open_folder(cfg.root, options)
+    try:
+        all_classes = folder_classes(store)
+        folder = "train" if split == "train" else "val"
+        listing = (all_classes if split == "train" else subfolders(store, folder)), store.list(folder)
+    except StorageError as err:
+        raise DataError(f"image_folder '{cfg.root}' cannot be read: {err}") from None
+    return _split_dataset(cfg, store, split, all_classes, listing)
+
+
+def load_folder_splits(cfg: DataConfig, options: dict | None = None) -> tuple[FolderClassDataset, FolderClassDataset]:
+    """Both splits of the tree (train, test): train/'s class folders, its files, val/'s folders and val/'s files
+    listed at the same time, each once (on object storage each listing is a chain of LIST pages)."""
+    store = open_folder(cfg.root, options)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            train_files, val_files = pool.submit(store.list, "train"), pool.submit(store.list, "val")
+            val_folders = pool.submit(subfolders, store, "val")
+            all_classes = folder_classes(store)
+            train, val = (all_classes, train_files.result()), (val_folders.result(), val_files.result())
+    except StorageError as err:
+        raise DataError(f"image_folder '{cfg.root}' cannot be read: {err}") from None
+    if val[0] is None:
+        raise DataError(f"image_folder root '{store.root}' has no val/ folder (expected root/val/<class>/*.png|jpg)")
+    return (_split_dataset(cfg, store, "train", all_classes, train),
+            _split_dataset(cfg, store, "test", all_classes, val))
 
 
 def folder_class_names(cfg: DataConfig, options: dict | None = None) -> list[str]:
