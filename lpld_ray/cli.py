@@ -16,8 +16,8 @@ import torch
 from lpld_ray.config import Config
 from lpld_ray.config_errors import bad_value
 from lpld_ray.config_io import load_config
-from lpld_ray.data.base import ClassDataset
-from lpld_ray.data.datasets import read_both_splits
+from lpld_ray.data.base import ClassDataset, image_spec
+from lpld_ray.data.datasets import check_dataset, read_both_splits
 from lpld_ray.distributed.cluster import (
     check_training_gpus,
     init_ray,
@@ -37,7 +37,7 @@ from lpld_ray.pipeline.shards import plan_class_shards
 from lpld_ray.pipeline.stages import STAGE_NAMES
 from lpld_ray.pipeline.start_over import require_a_run, start_over
 from lpld_ray.store.lease import RunLease
-from lpld_ray.store.run_record import check_run_record, write_run_record
+from lpld_ray.store.run_record import check_run_record, data_checked_before, write_run_record
 from lpld_ray.store.storage import Store, read_uri_bytes, storage_options
 
 log = logging.getLogger("lpld_ray")
@@ -109,16 +109,22 @@ def check_real_images(cfg: Config, train: ClassDataset) -> None:
                         f"'{train.class_names[fewest]}' has {int(counts[fewest])} training images")
 
 
-def check_data(cfg: Config) -> DatasetShape:
-    """The dataset (both splits read or listed, an image of each decoded) and the teacher's weights."""
+def check_data(cfg: Config, checked_before: bool = False) -> DatasetShape:
+    """The dataset (both splits read or listed, an image of each decoded; only its files or class folders when
+    ``checked_before`` by the job that started the run) and the teacher's weights."""
     data_options = storage_options(cfg.storage, cfg.data.root)
-    train, test = read_both_splits(cfg.data, data_options)
-    check_real_images(cfg, train)
+    if checked_before:
+        spec = image_spec(cfg.data)
+        shape = DatasetShape(check_dataset(cfg.data, data_options), spec.channels, spec.size, None)
+    else:
+        train, test = read_both_splits(cfg.data, data_options)
+        check_real_images(cfg, train)
+        shape = DatasetShape(test.num_classes, test.spec.channels, test.spec.size, len(train))
     if cfg.teacher.weights:
         options = storage_options(cfg.storage, cfg.teacher.weights)
-        load_weights(build_model(cfg.teacher.arch, test.num_classes, test.spec.channels, test.spec.size),
+        load_weights(build_model(cfg.teacher.arch, shape.num_classes, shape.channels, shape.size),
                      cfg.teacher.weights, lambda uri: read_uri_bytes(uri, options))
-    return DatasetShape(test.num_classes, test.spec.channels, test.spec.size, len(train))
+    return shape
 
 
 def check_the_run(cfg: Config, store: Store, stages: list[str], num_classes: int, force_new: bool) -> bool:
@@ -186,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         stages = parse_stages(args.stages)
         store = open_run_dir(cfg, args.run_dir)
-        shape = check_data(cfg)
+        shape = check_data(cfg, checked_before=not args.force_new and data_checked_before(store, cfg))
         resuming = check_the_run(cfg, store, stages, shape.num_classes, args.force_new)
         init_ray()  # the cluster of `ray job submit`, or a local Ray on this machine
         asked_autoscaler = cfg.runner.resource_wait_s > 0

@@ -3,6 +3,8 @@ damaged shard found by a reader is redone from its producing stage before anythi
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lpld_ray.config import Config
@@ -134,3 +136,35 @@ def test_damage_that_keeps_coming_back_stops_after_max_redos(tmp_path, fake_stag
     with pytest.raises(LpldError, match=f"redone {driver.MAX_REDOS} times already"):
         driver.run_pipeline(Config(), store, ["recover", "relabel"], 10)
     assert calls == ["recover", "relabel"] * (driver.MAX_REDOS + 1)
+
+
+def test_a_resumed_run_checks_its_image_folder_top_level_only(tmp_path, monkeypatch):
+    """The job that writes run.yaml lists both splits in full and decodes an image of each; a job resuming that run
+    with the same data section lists the class folders only (a full listing of 21K-P is 11,000 LIST pages)."""
+    from PIL import Image
+
+    from lpld_ray.cli import check_data
+    from lpld_ray.config import DataConfig
+    from lpld_ray.config_io import replace
+    from lpld_ray.store.run_record import data_checked_before, write_run_record
+
+    for split, count in (("train", 2), ("val", 1)):
+        for name in ("a", "b", "c"):
+            (tmp_path / "tree" / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "tree" / split / name / f"{i}.png")
+    cfg = Config(data=DataConfig(name="image_folder", root=str(tmp_path / "tree"), image_size=8, num_classes=2))
+    run = Store(str(tmp_path / "run"))
+    assert not data_checked_before(run, cfg)
+    full = check_data(cfg)
+    write_run_record(run, cfg)
+    listed: list[str] = []
+    original = Store.list
+    monkeypatch.setattr(Store, "list", lambda self, rel: listed.append(rel) or original(self, rel))
+    assert data_checked_before(run, cfg)
+    assert check_data(cfg, checked_before=True) == dataclasses.replace(full, train_images=None)
+    assert listed == []  # no recursive listing of train/ or val/
+    other = replace(cfg, data=replace(cfg.data, num_classes=3))
+    assert not data_checked_before(run, other)  # another data section: checked in full
+    check_data(other)
+    assert sorted(listed) == ["train", "val"]

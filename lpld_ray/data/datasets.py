@@ -77,24 +77,23 @@ def class_names(cfg: DataConfig, options: dict | None = None) -> list[str]:
     return folder_class_names(cfg, options)
 
 
-def check_dataset(cfg: DataConfig, options: dict | None = None) -> None:
+def check_dataset(cfg: DataConfig, options: dict | None = None) -> int:
     """Cheap pre-flight: the files or folders exist, ``num_classes`` fits, the image size is one the data has;
-    raises DataError or ConfigError."""
+    returns the number of classes used; raises DataError or ConfigError."""
     check_image_size(cfg)
     if cfg.name == "fashion_mnist":
         root = _local_root(cfg.root)
         for split in SPLITS:
             for name in FASHION_FILES[split]:
                 _require_fashion_file(root / name)
-        class_count(cfg, len(FASHION_CLASSES))
-    elif cfg.name == "digits":
+        return class_count(cfg, len(FASHION_CLASSES))
+    if cfg.name == "digits":
         if importlib.util.find_spec("sklearn") is None:
             raise DataError(DIGITS_NEEDS_SKLEARN)
-        class_count(cfg, 10)
-    elif cfg.name == "image_folder":
-        check_folder(cfg, options)
-    else:
-        raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASETS)}")
+        return class_count(cfg, 10)
+    if cfg.name == "image_folder":
+        return check_folder(cfg, options)
+    raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASETS)}")
 
 
 def read_both_splits(cfg: DataConfig, options: dict | None = None) -> tuple[ClassDataset, ClassDataset]:

@@ -194,12 +194,16 @@ def folder_class_names(cfg: DataConfig, options: dict | None = None) -> list[str
     return names[:class_count(cfg, len(names))]
 
 
-def check_folder(cfg: DataConfig, options: dict | None = None) -> None:
-    """Cheap pre-flight of a tree: train/ with class folders, val/, and num_classes within them."""
+def check_folder(cfg: DataConfig, options: dict | None = None) -> int:
+    """Cheap pre-flight of a tree: train/ with class folders, val/, and num_classes within them (the two folder
+    levels listed at the same time); returns the number of classes used."""
     store = open_folder(cfg.root, options)
     try:
-        class_count(cfg, len(folder_classes(store)))
-        if subfolders(store, "val") is None:
-            raise DataError(f"image_folder root '{store.root}' has no val/ folder (expected root/val/<class>/*.png|jpg)")
+        with ThreadPoolExecutor(1) as pool:
+            val_folders = pool.submit(subfolders, store, "val")
+            count = class_count(cfg, len(folder_classes(store)))
+            if val_folders.result() is None:
+                raise DataError(f"image_folder root '{store.root}' has no val/ folder (expected root/val/<class>/*.png|jpg)")
     except StorageError as err:
         raise DataError(f"image_folder '{cfg.root}' cannot be read: {err}") from None
+    return count

@@ -9,7 +9,7 @@ import logging
 from lpld_ray.config import Config
 from lpld_ray.config_io import config_to_dict
 from lpld_ray.store.layout import IMAGES_STAGE, LABELS_STAGE, STUDENT_STAGE, TEACHER_STAGE
-from lpld_ray.store.manifest import Manifest, content_digest, list_shards, read_manifests
+from lpld_ray.store.manifest import Manifest, content_digest, read_manifests, shard_folders
 from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ REPORT_SHARD = "built"  # report/built/_MANIFEST.json: lists no object; records 
 
 def committed_manifests(store: Store, stage: str) -> list[Manifest]:
     """Every committed shard manifest of a stage (not verified), read in parallel."""
-    return [m for m in read_manifests(store, stage, list_shards(store, stage)).values() if m is not None]
+    return [m for m in read_manifests(store, stage, shard_folders(store, stage)).values() if m is not None]
 
 
 def report_inputs(store: Store, cfg: Config) -> str:

@@ -234,6 +234,15 @@ def list_shards(store: Store, stage: str) -> list[str]:
     return sorted(p[0] for p in names if len(p) == 2 and p[1] == MANIFEST_NAME)
 
 
+def shard_folders(store: Store, stage: str) -> list[str]:
+    """Shard folder names under ``<stage>/``, committed or not: one listing of the folder level (a page per 1,000
+    shards on object storage, where :func:`list_shards` pages through every object of the stage)."""
+    try:
+        return store.folders(stage)
+    except FileNotFoundError:
+        return []
+
+
 def copy_stage(src: Store, dst: Store, stage: str) -> int:
     """Copy every object of ``stage`` from one run to another, each shard's manifest after its data."""
     names = src.list(stage)

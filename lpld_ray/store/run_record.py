@@ -35,16 +35,7 @@ def check_run_record(store: Store, cfg: Config) -> bool:
     """True when the run directory holds a run this config may resume; raises when it may not. Writes nothing."""
     if not store.exists(RUN_RECORD):
         return False
-    try:
-        old = yaml.safe_load(store.read_text(RUN_RECORD))
-        version, old_config = old["schema_version"], old["config"]
-    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
-        raise LpldError(f"'{store.uri(RUN_RECORD)}' is not a valid run record: use a new --run-dir") from None
-    if not isinstance(version, int) or version > RUN_SCHEMA_VERSION:
-        raise LpldError(
-            f"'{store.uri(RUN_RECORD)}' has schema_version {version!r}; this lpld_ray reads up to {RUN_SCHEMA_VERSION}: upgrade lpld_ray or use a new --run-dir"
-        )
-    stored, asked = with_defaults(upgraded(old_config, version)), config_to_dict(cfg)
+    stored, asked = stored_config(store), config_to_dict(cfg)
     diff = result_key_diff(stored, asked)
     if diff:
         was, now = flatten(stored), flatten(asked)
@@ -54,6 +45,31 @@ def check_run_record(store: Store, cfg: Config) -> bool:
                         "and start over")
     log.info("resuming the run at %s", store.root)
     return True
+
+
+def stored_config(store: Store) -> dict:
+    """The config run.yaml records, upgraded to this schema with later keys at their defaults; one line when run.yaml
+    is not a run record this lpld_ray reads."""
+    try:
+        old = yaml.safe_load(store.read_text(RUN_RECORD))
+        version, old_config = old["schema_version"], old["config"]
+    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
+        raise LpldError(f"'{store.uri(RUN_RECORD)}' is not a valid run record: use a new --run-dir") from None
+    if not isinstance(version, int) or version > RUN_SCHEMA_VERSION:
+        raise LpldError(
+            f"'{store.uri(RUN_RECORD)}' has schema_version {version!r}; this lpld_ray reads up to {RUN_SCHEMA_VERSION}: upgrade lpld_ray or use a new --run-dir"
+        )
+    return with_defaults(upgraded(old_config, version))
+
+
+def data_checked_before(store: Store, cfg: Config) -> bool:
+    """True when run.yaml records a run of this very data section: the job that wrote it read both splits in full
+    (every file listed, an image of each decoded) before writing it, so a job resuming it checks the tree's top
+    level only (at 21K-P a full listing is 11,000 LIST pages at every start)."""
+    try:
+        return store.exists(RUN_RECORD) and stored_config(store).get("data") == config_to_dict(cfg)["data"]
+    except (LpldError, FileNotFoundError):
+        return False
 
 
 def upgraded(old_config: dict, version: int) -> dict:

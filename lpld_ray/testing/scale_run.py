@@ -137,15 +137,17 @@ class ScaleRun:
         """An earlier job's shard actors are gone (they would hold the CPUs and be taken for this job's)."""
         wait_until(lambda: not self.cluster.processes("ShardWorker"), 120, "earlier shard actors to exit", every=0.5)
 
-    def kill_mid_recover(self, expected_actors: int = 2, timeout: float = 1800) -> dict[str, Any]:
-        """Submit the recover stage; once the first images manifest is PUT, freeze the shard actors (no further
-        commit), SIGKILL the driver, kill the actors; then re-run recover and record what it redid."""
+    def kill_mid_recover(self, expected_actors: int = 2, timeout: float = 1800,
+                         stages: tuple[str, ...] | None = ("recover",)) -> dict[str, Any]:
+        """Submit ``stages`` (None: all); once the first images manifest is PUT, freeze the shard actors (no further
+        commit), SIGKILL the driver, kill the actors; then re-run the same stages and record what recover redid."""
+        asked = list(stages) if stages else None
         self.wait_for_no_actors()
         self.s3.reset()
         manifests = (f"{self.run_prefix}images/", MANIFEST)
         job_id = f"kill-{uuid.uuid4().hex[:8]}"
         started = time.time()
-        proc = self.cluster.submit_background(self.args(["recover"]), job_id)
+        proc = self.cluster.submit_background(self.args(asked), job_id)
         actors: list = []
         last_scan = 0.0
         deadline = time.time() + timeout
@@ -177,7 +179,7 @@ class ScaleRun:
                       shards_committed_before_kill=committed)
         log.info("%s: driver SIGKILLed %.1fs into recover with %d of %d images shards committed; job %s", self.name,
                  killed_at - started, committed, self.shards_total(), status)
-        rerun = self.job("recover-after-kill", ["recover"])
+        rerun = self.job("rerun-after-kill", asked)
         rerun["shards_committed_before_kill"] = committed
         rerun["shards_redone"] = rerun["stages"].get("recover", {}).get("shards_done")
         return {"killed": killed, "rerun": rerun}
