@@ -17,6 +17,7 @@ from lpld_ray.store.storage import Store
 from lpld_ray.store.uris import check_uri
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+Listing = tuple[list[str] | None, list[str]]  # a split's class folders (None: no such split) and every file under it
 
 
 class FolderClassDataset(ClassDataset):
@@ -117,9 +118,9 @@ def folder_classes(store: Store) -> list[str]:
 
 
 def folder_files(store: Store, split: str, classes: list[str], all_classes: list[str],
-                 listing: tuple[list[str] | None, list[str]]) -> tuple[list[str], list[int]]:
+                 listing: Listing) -> tuple[list[str], list[int]]:
     """Image files (relative to the root) of ``classes`` under ``split`` in (class, file name) order, with their labels,
-    from the split's ``listing``: its class folders (None when it is not there) and every file under it."""
+    from the split's ``listing``."""
     present, listed = listing
     if present is None:
         raise DataError(f"image_folder split folder '{store.uri(split)}' not found")
@@ -143,7 +144,7 @@ def folder_files(store: Store, split: str, classes: list[str], all_classes: list
 
 
 def _split_dataset(cfg: DataConfig, store: Store, split: str, all_classes: list[str],
-                   listing: tuple[list[str] | None, list[str]]) -> FolderClassDataset:
+                   listing: Listing) -> FolderClassDataset:
     classes = all_classes[:class_count(cfg, len(all_classes))]
     folder = "train" if split == "train" else "val"
     files, labels = folder_files(store, folder, classes, all_classes, listing)
