@@ -64,6 +64,10 @@ def load_dataset(cfg: DataConfig, split: str, options: dict | None = None) -> Cl
         ds = load_folder(cfg, split, options)
     else:
         raise DataError(f"unknown dataset '{cfg.name}': choose one of {', '.join(DATASETS)}")
+    return _logged(cfg, split, ds)
+
+
+def _logged(cfg: DataConfig, split: str, ds: ClassDataset) -> ClassDataset:
     log.info("loaded %s %s: %d images, %d classes", cfg.name, split, len(ds), ds.num_classes)
     return ds
 
@@ -102,9 +106,7 @@ def read_both_splits(cfg: DataConfig, options: dict | None = None) -> tuple[Clas
     cheap checks of :func:`check_dataset`. Returns (train, test)."""
     if cfg.name == "image_folder":
         check_image_size(cfg)
-        train, test = load_folder_splits(cfg, options)
-        for split, ds in zip(SPLITS, (train, test)):
-            log.info("loaded %s %s: %d images, %d classes", cfg.name, split, len(ds), ds.num_classes)
+        train, test = (_logged(cfg, split, ds) for split, ds in zip(SPLITS, load_folder_splits(cfg, options)))
     else:
         check_dataset(cfg, options)
         train, test = (load_dataset(cfg, split, options) for split in SPLITS)

@@ -23,7 +23,7 @@ from lpld_ray.store.layout import (
     IMAGES_STAGE,
     image_id_from_name,
 )
-from lpld_ray.store.manifest import Manifest, list_shards, read_manifests, read_object
+from lpld_ray.store.manifest import Manifest, read_manifests, read_object, shard_folders
 from lpld_ray.store.storage import Store
 
 BOX_FIELDS = ("crop", "partner_crop", "mix_box")
@@ -89,7 +89,7 @@ class ImageSource:
         self.cache_bytes, self.threads = int(cache_bytes), int(threads)
         self._where: dict[int, tuple[str, str]] = {}
         self._manifests: dict[str, Manifest] = {}
-        for shard, manifest in read_manifests(store, IMAGES_STAGE, list_shards(store, IMAGES_STAGE)).items():
+        for shard, manifest in read_manifests(store, IMAGES_STAGE, shard_folders(store, IMAGES_STAGE)).items():
             if manifest is None:
                 raise StorageError(f"images shard '{shard}' has no manifest: run the recover stage")
             self._manifests[shard] = manifest
