@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from lpld_ray.method.kd import SoftTargetKLLoss, TemperatureSchedule, soft_targe
 from lpld_ray.method.prune import select_views, view_scores
 from lpld_ray.pipeline.estimate import dataset_shape, label_bytes, label_record_parts, plan_lines
 from lpld_ray.pipeline.student import kd_loss
-from lpld_ray.store.label_table import class_index_type, records_to_table, topk_of
+from lpld_ray.store.label_table import SEEDED_KEY, class_index_type, coalesced, records_to_table, topk_of
 from lpld_ray.store.label_table import label_bytes as table_bytes
 
 
@@ -242,3 +244,31 @@ def test_seeded_views_need_random_pruning_and_the_same_sampler(tmp_path):
 
     with pytest.raises(StorageError, match="seeded by view sampler version 99"):
         open_pool(store).set_epoch(0)
+
+
+@pytest.mark.parametrize("groups, row_bytes, expect", [
+    ([3, 4, 3, 4], 10, [7, 7]),  # each merged group reaches 64 B, 70 B each
+    ([3, 4, 3, 4], 100, [3, 4, 3, 4]),  # every group is already large enough
+    ([3, 4, 1], 10, [8]),  # a short remainder joins the last group
+    ([5], 1, [5]),
+    ([], 10, []),
+])
+def test_row_groups_merge_until_each_holds_the_minimum(groups, row_bytes, expect):
+    assert coalesced(groups, row_bytes, 64) == expect
+    assert sum(coalesced(groups, row_bytes, 64)) == sum(groups)
+
+
+def test_a_small_seeded_top_k_pool_is_its_records_plus_a_small_fixed_overhead(tmp_path):
+    cfg = RelabelConfig(epochs=40, compression=4, mix="cutmix", params="seeded", topk=2, batch_size=64)
+    store, meta, *_ = relabelled(tmp_path, cfg)
+    path = tmp_path / "run" / "labels" / "shard-00001" / "labels.parquet"
+    parquet = pq.ParquetFile(path)
+    assert parquet.metadata.num_row_groups == 1  # 10 (views, view id) groups of a few bytes each, merged
+    seeded = json.loads(parquet.schema_arrow.metadata[SEEDED_KEY])
+    assert seeded["image_ranges"] == [[IPC, 2 * IPC]] and "image_ids" not in seeded  # shard 1: one run of ids
+    records = meta["logit_bytes"] + meta["index_bytes"]
+    assert records == meta["records"] * 2 * 3 and meta["aug_bytes"] == 0  # 2 fp16 logits + 2 uint8 classes
+    assert meta["parquet_bytes"] == path.stat().st_size < records + 3000, meta
+    pool = open_pool(store)
+    pool.set_epoch(3)
+    assert all(pool[i][1].shape == (CLASSES,) for i in range(len(pool)))

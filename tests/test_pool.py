@@ -26,6 +26,7 @@ from lpld_ray.data.pool import ImageSource, LabelPool, ShardSampler
 from lpld_ray.errors import StorageError
 from lpld_ray.method.views import compose_view, image_id_of, sample_view
 from lpld_ray.pipeline.estimate import label_record_bytes
+from lpld_ray.store import label_table
 from lpld_ray.store.codecs import encode_png
 from lpld_ray.store.label_table import VERSION_KEY, table_to_parquet
 from lpld_ray.store.layout import (
@@ -109,6 +110,7 @@ def spy_row_groups(monkeypatch) -> list[list[int]]:
 
 def test_views_cycle_evenly_and_an_epoch_reads_one_row_group_per_view_count(tmp_path, monkeypatch):
     epochs = 10
+    monkeypatch.setattr(label_table, "MIN_ROW_GROUP_BYTES", 0)  # one group per (views, view id), however small
     store, meta, _, _, counts = relabelled(tmp_path, RelabelConfig(epochs=epochs, compression=3.0, mix="cutmix"),
                                            images=make_images(classes=CLASSES, ipc=IPC))
     pool = open_pool(store)

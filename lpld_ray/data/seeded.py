@@ -13,11 +13,22 @@ from lpld_ray.method.views import sample_view, view_counts
 from lpld_ray.store.label_table import SEEDED_KEY, param_table, seeded_views_of
 
 
+def id_ranges(image_ids: list[int]) -> list[list[int]]:
+    """Sorted ``image_ids`` as [start, stop) runs of consecutive ids: a class shard's images are one or a few runs."""
+    runs: list[list[int]] = []
+    for i in sorted(int(i) for i in image_ids):
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
+
+
 def seeded_json(seed: int, num_images: int, size: int, image_ids: list[int], cfg: RelabelConfig) -> str:
     """What a seeded label table stores instead of its views: the seed, the run's image count, the view size, the
-    shard's images and the relabel settings that drew the views."""
+    shard's images (as runs of ids: a list of 400 ids would be ~2 KB of a ~20 KB pool) and the relabel settings."""
     return json.dumps({"seed": int(seed), "num_images": int(num_images), "size": int(size),
-                       "image_ids": [int(i) for i in image_ids], "relabel": cfg.model_dump(mode="json")},
+                       "image_ranges": id_ranges(image_ids), "relabel": cfg.model_dump(mode="json")},
                       separators=(",", ":"))
 
 
@@ -34,7 +45,8 @@ class SeededViews:
     @classmethod
     def from_json(cls, text: str) -> SeededViews:
         d = json.loads(text)
-        return cls(d["seed"], d["num_images"], d["size"], tuple(d["image_ids"]), RelabelConfig(**d["relabel"]))
+        image_ids = tuple(i for start, stop in d["image_ranges"] for i in range(start, stop))
+        return cls(d["seed"], d["num_images"], d["size"], image_ids, RelabelConfig(**d["relabel"]))
 
     def ids(self) -> tuple[np.ndarray, np.ndarray]:
         """(image_id, view_id) of every row: each image's seeded view count, views 0..n-1, rows sorted by (views of

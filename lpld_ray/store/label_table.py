@@ -13,7 +13,8 @@ from torch import Tensor
 
 from lpld_ray.errors import StorageError
 
-LABEL_SCHEMA_VERSION = 4  # 2: the schema metadata records the sampler version; 3: the Cutout fill colour; 4: top-k
+LABEL_SCHEMA_VERSION = 5  # 2: the schema metadata records the sampler version; 3: the Cutout fill colour; 4: top-k;
+# 5: a seeded table lists its images as [start, stop) runs of ids
 
 
 VERSION_KEY = b"lpld_label_schema_version"
@@ -151,14 +152,36 @@ def epoch_order(views: list, counts: Tensor | Mapping[int, int]) -> tuple[list[i
     return order, sizes
 
 
+MIN_ROW_GROUP_BYTES = 64 << 10  # a row group costs ~350 B of footer and page headers: below this, merge groups
+
+
+def coalesced(row_groups: list[int], row_bytes: float, min_bytes: int) -> list[int]:
+    """Consecutive ``row_groups`` (sizes in rows) merged until each holds at least ``min_bytes`` of records (a short
+    remainder joins the last group): an epoch then reads a few more rows than its own, in far fewer groups."""
+    merged: list[int] = []
+    for size in row_groups:
+        if merged and merged[-1] * row_bytes < min_bytes:
+            merged[-1] += size
+        else:
+            merged.append(size)
+    if len(merged) > 1 and merged[-1] * row_bytes < min_bytes:
+        last = merged.pop()
+        merged[-1] += last
+    return merged
+
+
 def table_to_parquet(table: pa.Table, row_groups: list[int] | None = None) -> bytes:
-    """Parquet bytes, zstd, with page checksums (range readers verify each page); ``row_groups``: their sizes."""
+    """Parquet bytes, zstd, with page checksums (range readers verify each page); ``row_groups``: their sizes in rows,
+    merged to at least MIN_ROW_GROUP_BYTES each. No dictionaries or statistics: logits are not repeated values and
+    nothing filters on them, and at 400x a pool's records are a few KB, where those bytes would count."""
+    sizes = [s for s in (row_groups if row_groups is not None else [table.num_rows]) if s]
+    sizes = coalesced(sizes, table.nbytes / max(1, table.num_rows), MIN_ROW_GROUP_BYTES)
     sink = pa.BufferOutputStream()
-    with pq.ParquetWriter(sink, table.schema, compression="zstd", write_page_checksum=True) as writer:
+    with pq.ParquetWriter(sink, table.schema, compression="zstd", write_page_checksum=True, use_dictionary=False,
+                          write_statistics=False) as writer:
         start = 0
-        for size in row_groups if row_groups is not None else [table.num_rows]:
-            if size:
-                writer.write_table(table.slice(start, size), row_group_size=size)
+        for size in sizes:
+            writer.write_table(table.slice(start, size), row_group_size=size)
             start += size
     return sink.getvalue().to_pybytes()
 
