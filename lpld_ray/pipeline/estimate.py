@@ -16,7 +16,7 @@ from lpld_ray.method.models import bn_layers, build_model
 from lpld_ray.method.training import per_worker_batch
 from lpld_ray.method.views import kept_views
 from lpld_ray.pipeline.shards import plan_class_shards
-from lpld_ray.store.label_table import label_schema, row_bytes
+from lpld_ray.store.label_table import MIN_ROW_GROUP_BYTES, label_schema, row_bytes
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,8 @@ def loader_memory(cfg: Config, shape: DatasetShape) -> LoaderMemory:
     sample = shape.channels * shape.size ** 2 * 4 + shape.num_classes * 4
     in_flight = 1 + 2 * cfg.train.loader_workers
     record = label_record_bytes(shape.num_classes, cfg.relabel.topk, cfg.relabel.params == "seeded")
-    row_group = cfg.runner.class_shard_size * cfg.recover.ipc * record  # one view slot of one class shard
+    slot = cfg.runner.class_shard_size * cfg.recover.ipc * record  # one view slot of one class shard
+    row_group = slot if slot >= MIN_ROW_GROUP_BYTES else slot + 2 * MIN_ROW_GROUP_BYTES  # small slots are merged
     return LoaderMemory(36 * images + 4 * views, per_rank * record, cfg.train.image_cache_mb << 20,
                         in_flight * per_worker_batch(cfg.train.batch_size, cfg.train.num_workers) * sample,
                         per_rank * record + row_group)
