@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lpld_ray.testing.ray_nodes import child_env, free_ports, processes_under  # the scale bench's too
+from lpld_ray.testing.ray_nodes import child_env, free_ports, processes_under, stop_nodes  # the scale bench's too
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -96,26 +94,6 @@ def wait_for_dashboard(url: str, proc: subprocess.Popen, timeout: float = 120) -
     raise TimeoutError(f"Ray dashboard at {url} did not come up in {timeout}s")
 
 
-def stop_cluster(proc: subprocess.Popen, temp_dir: str) -> None:
-    """Stop our head (its process group) and any process still naming our temp dir; never `ray stop`."""
-    import psutil
-
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=5)  # `ray start --block` may not exit on SIGTERM at all: then the group is killed
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
-                p.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     temp_dir = tempfile.mkdtemp(prefix="lr", dir="/tmp")
@@ -139,7 +117,7 @@ def ray_cluster():
         wait_for_dashboard(url, proc)
         yield RayCluster(f"127.0.0.1:{gcs}", url, temp_dir, proc.pid, auth_env)
     finally:
-        stop_cluster(proc, temp_dir)
+        stop_nodes([proc], temp_dir)
         log.close()
 
 

@@ -205,28 +205,7 @@ class LocalRayCluster:
 
     def stop(self) -> None:
         """Each node's process group, then any process still naming our temp dir; never `ray stop`."""
-        import psutil
-
-        for proc in reversed(self._procs):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in reversed(self._procs):
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        if self.temp_dir:
-            for p in psutil.process_iter(["pid", "cmdline"]):
-                try:
-                    if any(self.temp_dir in part for part in (p.info["cmdline"] or [])):
-                        p.kill()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
+        stop_nodes(list(reversed(self._procs)), self.temp_dir)
         for out in self._logs:
             out.close()
         self._procs.clear()
@@ -238,6 +217,35 @@ class LocalRayCluster:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+def stop_nodes(procs: list[subprocess.Popen], temp_dir: str | None, grace: float = 5) -> None:
+    """SIGTERM each node's process group, SIGKILL those still up after one shared ``grace`` period (`ray start
+    --block` ignores SIGTERM), then kill any process still naming ``temp_dir``; never `ray stop`."""
+    import psutil
+
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if not temp_dir:
+        return
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
 
 
 def wait_until(condition: Callable, timeout: float, what: str, every: float = 0.2):
