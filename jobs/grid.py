@@ -80,12 +80,13 @@ def earlier_images(out: str, method: str, ipc: int, seed: int) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| method | IPC | k | top-k | seed | student top-1 | label bytes (logits + classes + aug) | image bytes |\n"
-            "|---|---|---|---|---|---|---|---|\n")
+    head = ("| method | IPC | k | top-k | seed | student top-1 | label bytes (logits + classes + aug) | label objects "
+            "(bytes) | image bytes |\n|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {r['method']} | {r['ipc']} | {r['compression']:g} | {r.get('topk') or 'all'} | {r['seed']} | "
         f"{100 * r['student_top1']:.2f}% | {r['label_bytes']:,} ({r['label_bytes_logits']:,} + "
-        f"{r.get('label_bytes_index', 0):,} + {r['label_bytes_aug']:,}) | {r['image_bytes']:,} |\n"
+        f"{r.get('label_bytes_index', 0):,} + {r['label_bytes_aug']:,}) | {r.get('label_file_bytes', 0):,} | "
+        f"{r['image_bytes']:,} |\n"
         for r in rows
     )
 
@@ -104,14 +105,15 @@ def finished_cells(out: str) -> dict[tuple, dict[int, dict]]:
 def by_seeds(cells: dict[tuple, dict[int, dict]]) -> str:
     """One row per method, IPC and k: the student top-1 of each seed, their mean and spread (max - min), and the
     storage in the paper's terms (labels + images, mean over the seeds)."""
-    head = ("| method | IPC | k | top-1 by seed | mean | spread | labels + images (bytes) |\n"
-            "|---|---|---|---|---|---|---|\n")
+    head = ("| method | IPC | k | top-1 by seed | mean | spread | labels + images (bytes) "
+            "| label objects (bytes, largest seed) |\n|---|---|---|---|---|---|---|---|\n")
     rows = []
     for (method, ipc, k), seeds in cells.items():
         values = [100 * seeds[s]["student_top1"] for s in sorted(seeds)]
         by_seed = ", ".join(f"{s}: {100 * seeds[s]['student_top1']:.2f}%" for s in sorted(seeds))
         rows.append(f"| {method} | {ipc} | {k:g} | {by_seed} | {sum(values) / len(values):.2f}% | "
-                    f"{max(values) - min(values):.2f} | {storage(seeds):,.0f} |\n")
+                    f"{max(values) - min(values):.2f} | {storage(seeds):,.0f} | "
+                    f"{max(r.get('label_file_bytes', 0) for r in seeds.values()):,} |\n")
     return head + "".join(rows)
 
 
