@@ -24,7 +24,15 @@ from lpld_ray.method.kd import SoftTargetKLLoss, TemperatureSchedule, soft_targe
 from lpld_ray.method.prune import select_views, view_scores
 from lpld_ray.pipeline.estimate import dataset_shape, label_bytes, label_record_parts, plan_lines
 from lpld_ray.pipeline.student import kd_loss
-from lpld_ray.store.label_table import SEEDED_KEY, class_index_type, coalesced, records_to_table, topk_of
+from lpld_ray.store.label_table import (
+    SEEDED_KEY,
+    class_index_type,
+    coalesced,
+    read_label_table,
+    records_to_table,
+    table_to_parquet,
+    topk_of,
+)
 from lpld_ray.store.label_table import label_bytes as table_bytes
 
 
@@ -55,6 +63,23 @@ def test_top_k_round_trip_and_the_target_by_hand():
     assert float(loss) == pytest.approx(by_hand, rel=1e-5)
     full = records_to_table([View()], logits[:1], 4, sampler_version=1, topk=4)  # k >= classes: every logit
     assert "classes" not in full.schema.names and topk_of(full) == 4
+
+
+def test_top_1_stores_the_class_alone_and_its_target_is_one_hot(tmp_path):
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.5, -1.0, 0.5, 4.0]], dtype=torch.float16)
+    table = records_to_table([View(), View()], logits, 4, sampler_version=1, topk=1)
+    assert "logits" not in table.schema.names and table.column("classes").to_pylist() == [[1], [3]]
+    assert table_bytes(table) == {"logits": 0, "index": 2, "aug": 2 * 54, "total": 2 + 108} and topk_of(table) == 1
+    assert label_record_parts(4, topk=1, seeded=True) == {"logits": 0, "index": 1, "aug": 0}
+    records = EpochRecords(read_label_table(table_to_parquet(table)), 4)
+    assert soft_target(records.target(1)[None], 20.0)[0].tolist() == [0.0, 0.0, 0.0, 1.0]
+    base = RelabelConfig(epochs=3, mix="cutmix", batch_size=5, params="seeded")
+    full_store, *_ = relabelled(tmp_path / "full", base)
+    top_store, meta, *_ = relabelled(tmp_path / "top1", base.model_copy(update={"topk": 1}))
+    assert meta["logit_bytes"] == 0 and meta["index_bytes"] == meta["records"]  # one uint8 per view, nothing else
+    full = {(v.image_id, v.view_id): y for _, _, y, v in pool_items(open_pool(full_store), 3)}
+    for _, _, y, view in pool_items(open_pool(top_store), 3):
+        assert int(torch.isfinite(y).sum()) == 1 and int(y.argmax()) == int(full[(view.image_id, view.view_id)].argmax())
 
 
 @pytest.mark.parametrize("classes, kind", [(10, pa.uint8()), (256, pa.uint8()), (257, pa.uint16()),

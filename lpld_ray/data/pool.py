@@ -46,9 +46,10 @@ class EpochRecords:
         self.lam = col["lam"].to_numpy()
         self.fill = col["fill"].values.to_numpy().reshape(-1, 3)
         self.boxes = {n: col[n].values.to_numpy().reshape(-1, 4) for n in BOX_FIELDS}
-        stored = table.schema.field("logits").type.list_size  # the class count, or k of a top-k pool
-        self.logits = col["logits"].values.to_numpy().reshape(-1, stored)
+        stored = table.schema.field("logits" if "logits" in col else "classes").type.list_size  # classes, or k
         self.classes = col["classes"].values.to_numpy().reshape(-1, stored) if "classes" in col else None
+        self.logits = col["logits"].values.to_numpy().reshape(-1, stored) if "logits" in col \
+            else np.zeros((table.num_rows, stored), np.float16)  # top-1 stores the class alone: its target is one-hot
         self.num_classes = num_classes
 
     @property

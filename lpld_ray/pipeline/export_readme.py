@@ -24,7 +24,7 @@ COLUMN_DOCS = {
            "(for information: the target below is the teacher's output on the mixed view, not a lam-mix of labels)",
     "fill": "Cutout: the box's colour [r, g, b] in 0..255 (a one-channel image uses r); [0,0,0] otherwise",
     "logits": "the teacher's output (before softmax) on exactly this view, fp16: one value per class id, or with "
-              "relabel.topk only the k largest, in the order of `classes`",
+              "relabel.topk only the k largest, in the order of `classes` (absent at top-1: the target is one-hot)",
     "classes": "top-k pools only: the class ids of the k stored logits, largest first; every other class has "
                "probability 0 in the target",
     FILE_COLUMN: "the image's file (PNG or JPEG), relative to images/ (join partner_id to image_id for the partner's file)",
@@ -67,7 +67,7 @@ def rebuild_view(row, images_dir, file_of, size=SIZE):
 
 def kd_target(row, num_classes=NUM_CLASSES, temperature=TEMPERATURE):
     # the soft label the student is trained towards (a top-k record's other classes get probability 0)
-    logits = torch.tensor(row["logits"], dtype=torch.float32)
+    logits = torch.tensor(row["logits"] if "logits" in row else [0.0], dtype=torch.float32)  # top-1: no logits
     if "classes" in row:
         logits = torch.full((num_classes,), float("-inf")).index_copy(0, torch.tensor(row["classes"]).long(), logits)
     return torch.softmax(logits / temperature, dim=0)

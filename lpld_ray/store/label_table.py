@@ -37,6 +37,13 @@ def stored_logits(num_classes: int, topk: int | None) -> int:
     return num_classes if topk is None else min(int(topk), num_classes)
 
 
+def stored_values(num_classes: int, topk: int | None) -> int:
+    """How many logit values a record stores: none for top-1, whose target (the softmax of one value) is one-hot
+    whatever the value, so the class index alone is the record."""
+    stored = stored_logits(num_classes, topk)
+    return 0 if stored == 1 < num_classes else stored
+
+
 def class_index_type(num_classes: int) -> pa.DataType:
     """The smallest unsigned integer type that holds every class index: uint8 up to 256 classes, else uint16/32."""
     for kind in (pa.uint8(), pa.uint16()):
@@ -61,7 +68,9 @@ def label_schema(num_classes: int, sampler_version: int | None = None, topk: int
     (None: left out, for sizing a record only; check_label_schema refuses a table without it). A ``seeded`` table
     stores no ids or parameters, only what regenerates them (JSON: seed, images, the relabel settings)."""
     stored = stored_logits(num_classes, topk)
-    fields = [*([] if seeded else PARAM_FIELDS), ("logits", pa.list_(pa.float16(), stored))]
+    fields = [*([] if seeded else PARAM_FIELDS)]
+    if stored_values(num_classes, topk):
+        fields.append(("logits", pa.list_(pa.float16(), stored)))
     if stored < num_classes:
         fields.append(("classes", pa.list_(class_index_type(num_classes), stored)))
     meta = {VERSION_KEY: str(LABEL_SCHEMA_VERSION).encode(), NUM_CLASSES_KEY: str(int(num_classes)).encode(),
@@ -109,7 +118,8 @@ def param_table(views: list) -> pa.Table:
 def records_to_table(views: list, logits: Tensor, num_classes: int, sampler_version: int,
                      topk: int | None = None, seeded: str | None = None) -> pa.Table:
     """One row per view, with the teacher's fp16 output [len(views), num_classes] for it (all of it, or its
-    ``topk`` largest values and their classes); the views were drawn by sampler ``sampler_version``. ``seeded``:
+    ``topk`` largest values and their classes; top-1: the class alone); the views were drawn by sampler
+    ``sampler_version``. ``seeded``:
     the views' ids and parameters are not stored, only ``seeded`` (the JSON that regenerates them, in this order)."""
     if tuple(logits.shape) != (len(views), num_classes):
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit {len(views)} views x {num_classes} classes")
@@ -120,8 +130,9 @@ def records_to_table(views: list, logits: Tensor, num_classes: int, sampler_vers
         logits, classes = top_logits(logits, stored)
     schema = label_schema(num_classes, sampler_version, topk, seeded)
     columns = [] if seeded else param_table(views).columns
-    columns.append(pa.FixedSizeListArray.from_arrays(pa.array(logits.contiguous().numpy().reshape(-1), pa.float16()),
-                                                     stored))
+    if "logits" in schema.names:
+        columns.append(pa.FixedSizeListArray.from_arrays(pa.array(logits.contiguous().numpy().reshape(-1),
+                                                                  pa.float16()), stored))
     if classes is not None:
         kind = schema.field("classes").type.value_type
         columns.append(pa.FixedSizeListArray.from_arrays(pa.array(classes.numpy().reshape(-1), kind), stored))
