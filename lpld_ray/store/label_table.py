@@ -63,12 +63,12 @@ PARAM_FIELDS = [  # a view's ids and augmentation parameters: the columns a seed
 def label_schema(num_classes: int, sampler_version: int | None = None, topk: int | None = None,
                  seeded: str | None = None) -> pa.Schema:
     """The versioned Arrow schema of a label record; logits are fp16 (Parquet FLOAT16), all of them or the ``topk``
-    largest with their class indices (``classes``, largest first); the metadata records the schema version, the
-    class count, the logits per record and ``sampler_version``, the version of the sampler that drew the views
-    (None: left out, for sizing a record only; check_label_schema refuses a table without it). A ``seeded`` table
-    stores no ids or parameters, only what regenerates them (JSON: seed, images, the relabel settings)."""
+    largest with their class indices (``classes``, largest first; top-1: the class alone); the metadata records the
+    schema version, the class count, the logits per record and ``sampler_version``, the version of the sampler that
+    drew the views (None: left out, for sizing a record only; check_label_schema refuses a table without it). A
+    ``seeded`` table stores no ids or parameters, only what regenerates them (JSON: seed, images, relabel settings)."""
     stored = stored_logits(num_classes, topk)
-    fields = [*([] if seeded else PARAM_FIELDS)]
+    fields = [] if seeded else list(PARAM_FIELDS)
     if stored_values(num_classes, topk):
         fields.append(("logits", pa.list_(pa.float16(), stored)))
     if stored < num_classes:
