@@ -40,6 +40,8 @@ def parse_args() -> argparse.Namespace:
                    "same method, IPC and seed (any k) and runs relabel, train and report only")
     p.add_argument("--summarize", action="store_true", help="run nothing: write by_seeds.md and accuracy_storage.png "
                    "from the cells already finished under --out")
+    p.add_argument("--include", nargs="+", default=[], metavar="DIR", help="earlier grids' --out folders whose "
+                   "finished cells join this one's by_seeds.md and plot (seeds of cells of the same name merge)")
     p.add_argument("--tag", default="", help="a name for this grid's --set values: cells are <method>-<tag>_ipc..., "
                    "a line of their own in the tables and the plot")
     args = p.parse_args()
@@ -91,10 +93,11 @@ def markdown(rows: list[dict]) -> str:
     )
 
 
-def finished_cells(out: str) -> dict[tuple, dict[int, dict]]:
-    """Every finished cell under ``out`` (this run's and earlier ones'): (method, IPC, k) -> seed -> its report."""
+def finished_cells(*outs: str) -> dict[tuple, dict[int, dict]]:
+    """Every finished cell under the ``outs`` (this run's and earlier ones'): (method, IPC, k) -> seed -> its report;
+    a cell of the same name, IPC, k and seed in a later folder replaces the earlier one."""
     cells: dict[tuple, dict[int, dict]] = {}
-    for path in sorted(Path(out).glob("*/report/report.json")):
+    for path in (p for out in outs for p in sorted(Path(out).glob("*/report/report.json"))):
         report = json.loads(path.read_text())
         if report.get("student_top1") is not None:
             method = path.parents[1].name.split("_ipc")[0]
@@ -122,12 +125,14 @@ def storage(seeds: dict[int, dict]) -> float:
     return sum(r["label_bytes"] + r["image_bytes"] for r in seeds.values()) / len(seeds)
 
 
-def plot_lines(cells: dict[tuple, dict[int, dict]]) -> dict[str, list[tuple[float, float]]]:
-    """(storage, mean top-1 %) points per method and IPC, for the accuracy-against-storage plot."""
-    lines: dict[str, list[tuple[float, float]]] = {}
-    for (method, ipc, _), seeds in cells.items():
+def plot_lines(cells: dict[tuple, dict[int, dict]]) -> dict[str, list[tuple[float, float, str]]]:
+    """(storage, mean top-1 %, label setting) points per image source and IPC, for the accuracy-against-storage plot:
+    a cell ``<source>-<tag>`` joins its source's line, its point named by k and the tag."""
+    lines: dict[str, list[tuple[float, float, str]]] = {}
+    for (method, ipc, k), seeds in cells.items():
+        source, _, tag = method.partition("-")
         top1 = 100 * sum(r["student_top1"] for r in seeds.values()) / len(seeds)
-        lines.setdefault(f"{method} IPC {ipc}", []).append((storage(seeds), top1))
+        lines.setdefault(f"{source} IPC {ipc}", []).append((storage(seeds), top1, f"k {k:g} {tag}".strip()))
     return lines
 
 
@@ -135,7 +140,8 @@ def main() -> None:
     args = parse_args()
     if not args.summarize:
         run_grid(args)
-    cells = finished_cells(args.out)
+    cells = finished_cells(args.out, *args.include)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "by_seeds.md").write_text(by_seeds(cells))
     Path(args.out, "accuracy_storage.png").write_bytes(accuracy_storage_png(plot_lines(cells)))
 

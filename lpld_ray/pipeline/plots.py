@@ -56,18 +56,30 @@ def write_training_curve(store: Store, histories: dict[str, list[dict]]) -> str 
     return store.uri(CURVE_OBJECT)
 
 
-def accuracy_storage_png(lines: dict[str, list[tuple[float, float]]]) -> bytes:
-    """PNG bytes of student top-1 (%) against total storage (images + labels, bytes, log scale), one line per method
-    through its (storage, top-1) points: the LPLD paper's Figure 1 for a grid's runs."""
+def frontier(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The points no other point beats with as little storage or less (higher top-1), by storage: the line drawn."""
+    best: list[tuple[float, float, str]] = []
+    for point in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not best or point[1] > best[-1][1]:
+            best.append(point)
+    return best
+
+
+def accuracy_storage_png(lines: dict[str, list[tuple[float, float, str]]]) -> bytes:
+    """PNG bytes of student top-1 (%) against total storage (images + labels, bytes, log scale), each point
+    (storage, top-1, name) named, one line per method through its best points: the LPLD paper's Figure 1 for a grid."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), dpi=CURVE_DPI, layout="constrained")
+    fig = Figure(figsize=(9, 6), dpi=CURVE_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for label, points in sorted(lines.items()):
-        points = sorted(points)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        best = frontier(points)
+        drawn = ax.plot([p[0] for p in best], [p[1] for p in best], marker="o", label=label)[0]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=12, color=drawn.get_color())
+        for x, y, name in points:
+            ax.annotate(name, (x, y), xytext=(4, 2), textcoords="offset points", fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("storage: images + labels (bytes, log scale)")
     ax.set_ylabel("student test top-1 (%)")
