@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--include", nargs="+", default=[], metavar="DIR", help="earlier grids' --out folders whose "
                    "finished cells join this one's by_seeds.md and plot (seeds of cells of the same name merge)")
     p.add_argument("--tag", default="", help="a name for this grid's --set values: cells are <method>-<tag>_ipc..., "
-                   "a line of their own in the tables and the plot")
+                   "a row of their own in the tables and a named point on the plot")
     args = p.parse_args()
     if not args.summarize and not args.teacher:
         p.error("--teacher is required to run cells (or give --summarize)")
