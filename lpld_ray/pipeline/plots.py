@@ -67,7 +67,8 @@ def frontier(points: list[tuple[float, float, str]]) -> list[tuple[float, float,
 
 def accuracy_storage_png(lines: dict[str, list[tuple[float, float, str]]]) -> bytes:
     """PNG bytes of student top-1 (%) against total storage (images + labels, bytes, log scale), each point
-    (storage, top-1, name) named, one line per key (grid.py: image source and IPC) through its best points: the LPLD paper's Figure 1 for a grid."""
+    (storage, top-1, name) named, one line per key (grid.py: image source and IPC) through its best points: the
+    LPLD paper's Figure 1 for a grid."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
