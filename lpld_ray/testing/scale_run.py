@@ -158,9 +158,9 @@ class ScaleRun:
             if len(actors) < expected_actors and time.time() - last_scan > 0.5:
                 actors, last_scan = self.cluster.processes("ShardWorker"), time.time()
             time.sleep(0.02)
-        for actor in actors or self.cluster.processes("ShardWorker"):
+        actors = list({*actors, *self.cluster.processes("ShardWorker")})  # one may have started since the scan
+        for actor in actors:
             _quietly(actor.suspend)
-        committed = self.s3.matching("PUT", *manifests)
         drivers = [p for p in self.cluster.processes(self.run_dir) if p.name() != "sh"]
         if len(drivers) != 1:
             raise RuntimeError(f"expected one driver process naming {self.run_dir}, found {drivers}")
@@ -171,9 +171,11 @@ class ScaleRun:
         except subprocess.TimeoutExpired:
             proc.kill()
             output = ""
-        for actor in actors or self.cluster.processes("ShardWorker"):
+        for actor in actors:
             _quietly(actor.kill)
         status = self.cluster.wait_for_job_end(job_id, 300)
+        # counted now, not at the freeze: a manifest PUT in flight then is counted when its response has been sent
+        committed = self.s3.matching("PUT", *manifests)
         killed = self.figures("recover-killed", started, output, 1)
         killed.update(job_status=status, seconds_to_kill=round(killed_at - started, 2),
                       shards_committed_before_kill=committed)
