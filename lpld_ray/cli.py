@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -166,7 +166,7 @@ def check_cluster(cfg: Config, stages: list[str], shape: DatasetShape, run_dir: 
     check_training_gpus("train" in stages or ("teacher" in stages and not cfg.teacher.weights), gpus)
 
 
-def interrupt_on(signum: int):
+def interrupt_on(signum: int) -> Callable[..., Any] | int | None:
     """Turn ``signum`` (e.g. the SIGTERM of `ray job stop`) into SystemExit so the lease is released on the way out;
     returns the handler it replaced (None off the main thread, where nothing is changed)."""
     if threading.current_thread() is not threading.main_thread():

@@ -24,7 +24,7 @@ from lpld_ray.config_errors import (
     require,
 )
 
-# One list per choice: the Literal type validates, the tuple is what other modules import.
+# One Literal per choice validates it; the tuples below are the ones other modules import.
 Arch = Literal["convnet", "convnet_w64", "resnet18", "resnet18_small", "resnet50"]
 Batching = Literal["class_wise", "across_classes"]
 Dataset = Literal["fashion_mnist", "digits", "image_folder"]
@@ -49,17 +49,9 @@ PruneBy = Literal["random", "confidence", "diff", "diff_signed", "cut_ratio", "c
 PruneKeep = Literal["easy", "hard"]
 ViewParamsKind = Literal["stored", "seeded"]
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
-BATCHING_MODES: tuple[str, ...] = typing.get_args(Batching)
 DATASETS: tuple[str, ...] = typing.get_args(Dataset)
-MIX_MODES: tuple[str, ...] = typing.get_args(MixMode)
-OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
 VIEW_SAMPLING: tuple[str, ...] = typing.get_args(ViewSampling)
-IMAGE_SAMPLERS: tuple[str, ...] = typing.get_args(ImageSampler)
-IMAGE_SOURCES: tuple[str, ...] = typing.get_args(ImageSource)
-PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
-NORMALIZATIONS: tuple[str, ...] = typing.get_args(Normalization)
 
-# Keys whose values are credentials: never echoed in errors, run.yaml, logs or reports.
 SEED_LIMIT = 2**63  # seeds are 64-bit signed integers downstream (torch, numpy)
 
 

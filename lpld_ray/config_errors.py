@@ -1,5 +1,4 @@
-"""One-line config errors: a pydantic ValidationError as the key, the bad value (credentials redacted) and what is
-allowed, the allowed text derived from the field's type, bounds and choices."""
+"""One-line config errors: the key, the bad value (credentials redacted) and what its type, bounds and choices allow."""
 
 from __future__ import annotations
 

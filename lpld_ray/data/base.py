@@ -1,5 +1,4 @@
-"""What every real dataset is: images addressable by class, the shape and normalisation of the configured one, and
-the class and per-class limits of the config."""
+"""What every real dataset is: images by class, the configured shape and normalisation, class and per-class limits."""
 
 from __future__ import annotations
 

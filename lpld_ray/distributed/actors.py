@@ -14,6 +14,7 @@ from lpld_ray.data.base import ClassDataset, image_spec
 from lpld_ray.data.datasets import load_dataset
 from lpld_ray.distributed.cluster import actor_options
 from lpld_ray.method.models import build_teacher
+from lpld_ray.method.squeeze import BNSums
 from lpld_ray.pipeline.shards import ClassShard
 from lpld_ray.pipeline.teacher import top1_on_test_set
 from lpld_ray.pipeline.units import load_images, recover_shard, squeeze_partition
@@ -40,7 +41,7 @@ class ShardWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def squeeze(self, part: ClassDataset, batch_size: int, transform: str, seed: int, first: int):
+    def squeeze(self, part: ClassDataset, batch_size: int, transform: str, seed: int, first: int) -> BNSums:
         """The class-wise BN sums of one data partition (which starts at dataset index ``first``)."""
         return squeeze_partition(self.teacher, part, batch_size, transform, seed, first)
 

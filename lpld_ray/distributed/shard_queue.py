@@ -1,5 +1,4 @@
-"""The shard actors of a job and the class-shard queue: shards handed to actors as they free up; a dead actor's shard
-goes back on the queue."""
+"""The job's shard actors and the class-shard queue: shards handed out as actors free up, a dead actor's requeued."""
 
 from __future__ import annotations
 

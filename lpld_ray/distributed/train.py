@@ -13,7 +13,7 @@ from lpld_ray.distributed.cluster import cluster_has_gpus, raise_user_error
 from lpld_ray.distributed.ray_logs import TRAIN_LOG_LEVEL
 from lpld_ray.distributed.train_loop import TrainTask, train_task_loop
 from lpld_ray.store.layout import TRAIN_RUN_PREFIX
-from lpld_ray.store.manifest import current_shard
+from lpld_ray.store.manifest import Manifest, current_shard
 from lpld_ray.store.storage import Store
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ def fit_with_ray_train(store: Store, stage: str, task: TrainTask, spec: TrainerS
         raise_user_error(err)
 
 
-def train_once(store: Store, stage: str, shard: str, task: TrainTask, spec: TrainerSpec, verify: bool = False):
+def train_once(store: Store, stage: str, shard: str, task: TrainTask, spec: TrainerSpec,
+               verify: bool = False) -> Manifest:
     """The stage's committed model manifest, training it with Ray Train first when there is none for these inputs
     (``verify``: the model's objects are checked too)."""
     manifest = current_shard(store, stage, shard, spec.inputs, verify)

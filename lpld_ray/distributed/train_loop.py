@@ -15,6 +15,8 @@ import ray.train
 import ray.train.torch
 import torch
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Subset
 
 from lpld_ray.distributed.ray_logs import quiet_train_worker
@@ -66,8 +68,8 @@ class WorkerEnv:
     all_reduce_sum: Callable[[torch.Tensor], None]  # in place, across the worker group
 
 
-def save_state(folder: str, model: nn.Module, optimizer, scheduler, epoch: int, test_top1: float | None,
-               history: list[dict] | None = None, loss_fn: nn.Module | None = None) -> None:
+def save_state(folder: str, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler, epoch: int,
+               test_top1: float | None, history: list[dict] | None = None, loss_fn: nn.Module | None = None) -> None:
     """Write the training state after ``epoch`` finished epochs (the last test top-1, the per-epoch history, the
     loss's own state such as a calibrated temperature) into ``folder``."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -76,7 +78,7 @@ def save_state(folder: str, model: nn.Module, optimizer, scheduler, epoch: int, 
     torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
 
 
-def load_state(folder: str | None, model: nn.Module, optimizer, scheduler,
+def load_state(folder: str | None, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler,
                loss_fn: nn.Module | None = None) -> tuple[int, float | None, list[dict]]:
     """Load a checkpoint folder into the model, optimizer, scheduler and loss: (next epoch, 0-based; last test
     top-1; the history of the epochs before). No folder: (0, None, [])."""

@@ -1,5 +1,4 @@
-"""Export a finished run for use without lpld_ray: the images as an ImageFolder tree, the label pool as one Parquet
-table with a ``file`` column, and a README describing every column and how to rebuild a view (no Ray)."""
+"""Export a finished run for use without lpld_ray: an ImageFolder tree, one Parquet label table and its README."""
 
 from __future__ import annotations
 

@@ -1,6 +1,4 @@
-"""Before anything is written: the work fits the machines. Each asked stage's worker peak memory (the --plan estimate)
-fits the largest node, and what the run stores fits the free disk of a local run directory. Only what surely cannot
-fit is refused: the estimates leave out allocator overhead, so a refusal is never a close call."""
+"""Before anything is written: each stage's peak memory fits a node and the run the disk; only sure misfits refused."""
 
 from __future__ import annotations
 

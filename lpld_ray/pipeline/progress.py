@@ -1,5 +1,4 @@
-"""Progress of a stage over its shards: a live tqdm bar on a terminal; elsewhere (``ray job logs``, a file) done/total,
-rate and ETA as a log line at most every few seconds. Either way the last line says the stage's total."""
+"""Stage progress over shards: a tqdm bar on a terminal, else a done/total, rate and ETA log line every few seconds."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The contact sheet: one row per class of the first classes, labelled with the class name, a few images each,
-read and decoded only as shown."""
+"""The contact sheet: a row of a few images per class of the first classes, labelled, decoded only as shown."""
 
 from __future__ import annotations
 

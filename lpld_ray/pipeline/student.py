@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from lpld_ray.config import DataConfig, TrainConfig
 from lpld_ray.data.datasets import load_dataset
@@ -50,7 +52,7 @@ def kd_loss(cfg: TrainConfig) -> SoftTargetKLLoss:
                             cfg.student_temperature, cfg.calibrate_student_temperature)
 
 
-def image_sampler(pool: LabelPool, kind: str, world: int, rank: int, seed: int):
+def image_sampler(pool: LabelPool, kind: str, world: int, rank: int, seed: int) -> Sampler[int]:
     """This rank's images per epoch: a global shuffle (DistributedSampler), or whole label shards per rank."""
     if kind == "shard":
         return ShardSampler(pool.index.shard_of, world, rank, seed)
@@ -101,7 +103,7 @@ class StudentJob:
         model = build_model(cfg.arch, test_set.num_classes, spec.channels, spec.size)
         return TrainSetup(model, loader, test_set, spec, loss, set_epoch, end_epoch=loss.end_epoch)
 
-    def optimizer(self, model: nn.Module, steps_per_epoch: int):
+    def optimizer(self, model: nn.Module, steps_per_epoch: int) -> tuple[Optimizer, LRScheduler]:
         """AdamW or SGD, warm-up then cosine (the factor per batch or per epoch), stepped per batch."""
         optimizer = make_optimizer(model, self.train)
         return optimizer, make_scheduler(optimizer, self.train, steps_per_epoch)

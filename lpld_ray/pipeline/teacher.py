@@ -10,6 +10,8 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lpld_ray.config import DataConfig, TeacherConfig
@@ -83,7 +85,7 @@ class TeacherJob:
         model = build_model(self.teacher.arch, train_set.num_classes, spec.channels, spec.size)
         return TrainSetup(model, loader, test_set, spec, nn.CrossEntropyLoss(), sampler.set_epoch, random_flip)
 
-    def optimizer(self, model: nn.Module, steps_per_epoch: int):
+    def optimizer(self, model: nn.Module, steps_per_epoch: int) -> tuple[Optimizer, LRScheduler]:
         """SGD (Nesterov) with a one-cycle schedule over all epochs, stepped per batch."""
         cfg = self.teacher
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay,

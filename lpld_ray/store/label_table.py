@@ -245,11 +245,6 @@ def row_bytes(schema: pa.Schema) -> dict[str, int]:
     return sizes
 
 
-def aug_bytes_per_row(schema: pa.Schema) -> int:
-    """Bytes of the ids and augmentation parameters of one row (every column but the logits and their classes)."""
-    return row_bytes(schema)["aug"]
-
-
 def label_bytes(table: pa.Table) -> dict[str, int]:
     """Label storage in the paper's terms: fp16 logits, their class indices (top-k), augmentation parameters, and
     their total."""

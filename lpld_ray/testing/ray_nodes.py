@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +190,6 @@ class LocalRayCluster:
                 return status
         return "PENDING" if f"Status for job '{job_id}': PENDING" in text else "RUNNING"
 
-    def job_logs(self, job_id: str) -> str:
-        result = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", self.dashboard_url, job_id],
-                                capture_output=True, text=True, timeout=120, env=child_env(self.auth_env))
-        return result.stdout
-
     def wait_for_job_end(self, job_id: str, timeout: float = 900) -> str:
         return wait_until(lambda: (s := self.job_status(job_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s,
                           timeout, f"job {job_id} to end", every=1.0)
@@ -248,7 +243,7 @@ def stop_nodes(procs: list[subprocess.Popen], temp_dir: str | None, grace: float
             pass
 
 
-def wait_until(condition: Callable, timeout: float, what: str, every: float = 0.2):
+def wait_until(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
     """Poll ``condition`` until it returns something truthy; TimeoutError naming ``what`` after ``timeout`` s."""
     deadline = time.time() + timeout
     while time.time() < deadline:

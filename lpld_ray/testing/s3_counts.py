@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -14,7 +13,6 @@ from urllib.parse import parse_qs, unquote
 log = logging.getLogger(__name__)
 
 KINDS: tuple[str, ...] = ("GET", "PUT", "LIST", "HEAD", "DELETE", "OTHER")
-COUNTS_PATH = "/_lpld_counts"  # GET: the counts as JSON; ?reset=1 resets them after reading (no bucket has a '_')
 _LIST_PARAMS = frozenset({"list-type", "prefix", "delimiter", "continuation-token", "marker", "max-keys",
                           "start-after", "encoding-type"})
 
@@ -58,10 +56,6 @@ class RequestCounts:
     def copy(self) -> RequestCounts:
         return RequestCounts(Counter(self.requests), Counter(self.bytes_in), Counter(self.bytes_out),
                              Counter(self.server_seconds), Counter(self.keys), dict(self.put_sizes))
-
-    def keys_of(self, kind: str, prefix: str = "") -> list[str]:
-        """Keys (bucket/key) asked with ``kind`` that start with ``prefix``, sorted."""
-        return sorted(k for (kd, k) in self.keys if kd == kind and k.startswith(prefix))
 
     def written(self, prefix: str = "") -> tuple[int, int]:
         """(objects, bytes) PUT under ``prefix`` (an object written twice counts once, with its last size)."""
@@ -118,11 +112,6 @@ class CountingApp:
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         path, query = environ.get("PATH_INFO", "/"), environ.get("QUERY_STRING", "")
-        if path == COUNTS_PATH:
-            counts = self.counter.read(reset="reset=1" in query)
-            body = json.dumps({**counts.summary(), "keys": [[k, n, c] for (k, n), c in counts.keys.items()]}).encode()
-            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-            return [body]
         return self._counted(environ, start_response, *request_kind(environ.get("REQUEST_METHOD", "GET"), path, query))
 
     def _counted(self, environ: dict, start_response: Callable, kind: str, key: str) -> Iterable[bytes]:
@@ -211,11 +200,3 @@ class CountingS3:
         boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
                      aws_secret_access_key=self.secret_key, region_name="us-east-1").create_bucket(Bucket=name)
         return name
-
-
-def read_counts_over_http(endpoint: str, reset: bool = False) -> dict:
-    """The counts of a CountingS3 in another process, from its extra path."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"{endpoint}{COUNTS_PATH}{'?reset=1' if reset else ''}", timeout=30) as resp:
-        return json.loads(resp.read())
