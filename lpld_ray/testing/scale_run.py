@@ -137,8 +137,7 @@ class ScaleRun:
         """An earlier job's shard actors are gone (they would hold the CPUs and be taken for this job's)."""
         wait_until(lambda: not self.cluster.processes("ShardWorker"), 120, "earlier shard actors to exit", every=0.5)
 
-    def kill_mid_recover(self, expected_actors: int = 2, timeout: float = 1800,
-                         stages: tuple[str, ...] | None = ("recover",)) -> dict[str, Any]:
+    def kill_mid_recover(self, timeout: float = 1800, stages: tuple[str, ...] | None = ("recover",)) -> dict[str, Any]:
         """Submit ``stages`` (None: all); once the first images manifest is PUT, freeze the shard actors (no further
         commit), SIGKILL the driver, kill the actors; then re-run the same stages and record what recover redid."""
         asked = list(stages) if stages else None
@@ -148,17 +147,13 @@ class ScaleRun:
         job_id = f"kill-{uuid.uuid4().hex[:8]}"
         started = time.time()
         proc = self.cluster.submit_background(self.args(asked), job_id)
-        actors: list = []
-        last_scan = 0.0
         deadline = time.time() + timeout
         while self.s3.matching("PUT", *manifests) == 0:
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"recover ended or timed out before any images shard was committed:\n"
                                    f"{(proc.stdout.read() if proc.stdout else '')[-3000:]}")
-            if len(actors) < expected_actors and time.time() - last_scan > 0.5:
-                actors, last_scan = self.cluster.processes("ShardWorker"), time.time()
             time.sleep(0.02)
-        actors = list({*actors, *self.cluster.processes("ShardWorker")})  # one may have started since the scan
+        actors = self.cluster.processes("ShardWorker")  # every shard actor alive at the first commit
         for actor in actors:
             _quietly(actor.suspend)
         drivers = [p for p in self.cluster.processes(self.run_dir) if p.name() != "sh"]
